@@ -1,0 +1,176 @@
+"""The one error hierarchy of edgepack.
+
+Every failure a user can meet is an :class:`EdgepackError` subclass whose message says what was wrong
+and, where there is one, what to do about it. Callers catch the narrowest class they can act on; the CLI
+catches :class:`EdgepackError` and prints its message with a non-zero exit code.
+
+    EdgepackError
+    ├── ConfigError                 bad configuration or command-line value
+    ├── KeyFileError                a key file that cannot be read or has the wrong kind of key
+    ├── TrustStoreError             a trust directory that is missing or malformed
+    ├── BundleError                 anything wrong with a bundle
+    │   ├── BundleFormatError       not a well-formed bundle (bad archive, bad manifest)
+    │   │   ├── UnsafeArchiveError  hostile archive: traversal, links, duplicates, caps exceeded
+    │   │   └── TruncatedBundleError
+    │   ├── PayloadError            the payload does not match what the manifest pins
+    │   │   ├── PayloadHashMismatchError
+    │   │   ├── MissingPayloadError
+    │   │   └── UnexpectedPayloadError
+    │   └── VerificationError       the bundle is well formed but is not to be trusted or run here
+    │       ├── SignatureInvalidError
+    │       ├── UnknownKeyError
+    │       ├── RevokedKeyError
+    │       ├── ThresholdNotMetError
+    │       ├── ExpiredBundleError
+    │       ├── RollbackRefusedError
+    │       └── TargetMismatchError
+    ├── RuntimeBackendError         a runtime that cannot load or run a model
+    │   └── RuntimeNotInstalledError
+    ├── InferenceInputError         inputs that do not fit a model's signature
+    ├── CompileError                the compiler could not produce a bundle
+    │   ├── ModelLoadError          not a model, or an invalid graph
+    │   ├── UnsupportedModelError   an op/shape the target cannot run
+    │   ├── DataError               calibration/validation data that does not fit the model
+    │   └── AccuracyError           the result lost more accuracy than allowed
+    ├── InstallError                the agent could not install a bundle
+    │   └── SelfTestError           the bundle's self-test failed on this device
+    └── ProtocolError               a malformed or unexpected MQTT message
+"""
+
+from __future__ import annotations
+
+
+class EdgepackError(Exception):
+    """Base of every error edgepack raises on purpose."""
+
+
+class ConfigError(EdgepackError):
+    """A configuration file or command-line value is wrong."""
+
+
+class KeyFileError(EdgepackError):
+    """A key file is missing, unreadable or holds the wrong kind of key."""
+
+
+class TrustStoreError(EdgepackError):
+    """A trust store directory is missing or malformed."""
+
+
+# --- bundles -------------------------------------------------------------------------------------
+
+
+class BundleError(EdgepackError):
+    """Something is wrong with a bundle."""
+
+
+class BundleFormatError(BundleError):
+    """The file is not a well-formed edgepack bundle."""
+
+
+class UnsafeArchiveError(BundleFormatError):
+    """The archive holds something a bundle may never hold (traversal, links, duplicates, too much)."""
+
+
+class TruncatedBundleError(BundleFormatError):
+    """The archive ends before its declared content does."""
+
+
+class PayloadError(BundleError):
+    """The payload files do not match what the signed manifest pins."""
+
+
+class PayloadHashMismatchError(PayloadError):
+    """A payload file's size or sha256 differs from the manifest's."""
+
+
+class MissingPayloadError(PayloadError):
+    """A file the manifest lists is not in the bundle."""
+
+
+class UnexpectedPayloadError(PayloadError):
+    """The bundle holds a file the manifest does not list."""
+
+
+class VerificationError(BundleError):
+    """The bundle is well formed but is not to be trusted or run here."""
+
+
+class SignatureInvalidError(VerificationError):
+    """A signature does not match the manifest."""
+
+
+class UnknownKeyError(VerificationError):
+    """The bundle is signed by a key the trust store does not know."""
+
+
+class RevokedKeyError(VerificationError):
+    """The bundle is signed by a key the trust store has revoked."""
+
+
+class ThresholdNotMetError(VerificationError):
+    """Fewer valid signatures than the trust store's threshold."""
+
+
+class ExpiredBundleError(VerificationError):
+    """The bundle's expiry time has passed."""
+
+
+class RollbackRefusedError(VerificationError):
+    """The bundle's version is lower than one already seen for the same model."""
+
+
+class TargetMismatchError(VerificationError):
+    """The bundle was built for another target than this device."""
+
+
+# --- runtimes ------------------------------------------------------------------------------------
+
+
+class RuntimeBackendError(EdgepackError):
+    """A runtime backend cannot load or run a model."""
+
+
+class RuntimeNotInstalledError(RuntimeBackendError):
+    """The runtime a bundle needs is not installed; the message names the extra to install."""
+
+
+class InferenceInputError(EdgepackError):
+    """Inputs do not fit the model's signature (name, dtype or shape)."""
+
+
+# --- compiler ------------------------------------------------------------------------------------
+
+
+class CompileError(EdgepackError):
+    """The compiler could not produce a bundle."""
+
+
+class ModelLoadError(CompileError):
+    """The input is not a model, or its graph is invalid."""
+
+
+class UnsupportedModelError(CompileError):
+    """The model uses an op or a shape the target cannot run."""
+
+
+class DataError(CompileError):
+    """Calibration or validation data does not fit the model."""
+
+
+class AccuracyError(CompileError):
+    """The compiled model lost more accuracy than the bar allows."""
+
+
+# --- agent ---------------------------------------------------------------------------------------
+
+
+class InstallError(EdgepackError):
+    """The agent could not install a bundle."""
+
+
+class SelfTestError(InstallError):
+    """A bundle's self-test vectors did not reproduce on this device."""
+
+
+class ProtocolError(EdgepackError):
+    """An MQTT message is malformed, of an unknown kind or not meant for us."""

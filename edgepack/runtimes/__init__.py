@@ -1,0 +1,1 @@
+"""Runtime backends (onnxruntime, OpenVINO, LiteRT) behind one small interface."""
