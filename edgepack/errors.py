@@ -174,3 +174,39 @@ class SelfTestError(InstallError):
 
 class ProtocolError(EdgepackError):
     """An MQTT message is malformed, of an unknown kind or not meant for us."""
+
+
+# --- local inference API -------------------------------------------------------------------------
+# ApiError and its subclasses are what the agent's local API (edgepack.agent.api) answers with a 4xx.
+# The repository raises ModelNotFoundError / ModelNotReadyError; the API's codecs raise the others.
+#
+#   ApiError                        a request the local inference API cannot serve
+#   ├── ModelNotFoundError          no model of that name, or not in that version
+#   ├── ModelNotReadyError          the model exists but cannot serve now (loading, swapping out)
+#   ├── BadRequestError             malformed request: not JSON, bad fields, truncated binary data
+#   ├── RequestTooLargeError        the body is larger than the configured cap
+#   └── UnauthorizedError           missing or wrong bearer token
+
+
+class ApiError(EdgepackError):
+    """A request the local inference API cannot serve."""
+
+
+class ModelNotFoundError(ApiError):
+    """No model of that name is installed, or not in the requested version."""
+
+
+class ModelNotReadyError(ApiError):
+    """The model is known but cannot serve now (still loading, or being swapped out)."""
+
+
+class BadRequestError(ApiError):
+    """The request is malformed: not JSON, missing or wrong fields, truncated binary tensor data."""
+
+
+class RequestTooLargeError(ApiError):
+    """The request body is larger than the API's configured cap."""
+
+
+class UnauthorizedError(ApiError):
+    """The API requires a bearer token and the request carries none or a wrong one."""

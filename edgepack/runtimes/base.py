@@ -84,12 +84,17 @@ class RuntimeBackend(ABC):
         self,
         model_path: Path,
         *,
-        inputs: list[TensorSpec],
-        outputs: list[TensorSpec],
-        execution: Mapping[str, Any],
-        options: RuntimeOptions,
+        inputs: list[TensorSpec] | None = None,
+        outputs: list[TensorSpec] | None = None,
+        execution: Mapping[str, Any] | None = None,
+        options: RuntimeOptions | None = None,
     ) -> LoadedModel:
-        """Load ``model_path``; ``execution`` is the bundle's runtime plan (providers, precision, ...)."""
+        """Load ``model_path``; ``execution`` is the bundle's runtime plan (providers, precision, ...).
+
+        ``inputs``/``outputs`` are the bundle's signature (names, dtypes, shapes, layouts); when None
+        (describing a bare model file, e.g. for ``edgepack bundle create``) they are read from the
+        model itself and ``LoadedModel.inputs``/``outputs`` report what the model declares.
+        """
 
 
 _BACKENDS: dict[str, tuple[str, str]] = {
