@@ -195,9 +195,10 @@ def verify_bundle(path: Path, trust: TrustStore, *, now: datetime | None = None)
 
 
 def extract_bundle(path: Path, dest: Path, trust: TrustStore, *, now: datetime | None = None) -> Manifest:
-    """Verify the bundle and extract its payload into ``dest`` (which must not exist yet).
+    """Verify the bundle and extract it into ``dest`` (which must not exist yet).
 
-    The payload is written to a staging directory beside ``dest`` while it is hashed; ``dest`` appears,
+    ``dest`` receives ``manifest.json``, ``signatures.json`` (so the bundle can be verified again in
+    place) and the payload files. The payload is written to a staging directory beside ``dest`` while it is hashed; ``dest`` appears,
     complete and synced, only when every check passed.
     """
     dest = Path(dest)
@@ -206,8 +207,14 @@ def extract_bundle(path: Path, dest: Path, trust: TrustStore, *, now: datetime |
     dest.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".staging", dir=dest.parent))
     try:
+        sink = _DirectorySink(staging)
         with open(path, "rb") as fh:
-            manifest = _Reader(fh).verify(trust, now=now, sink=_DirectorySink(staging))
+            reader = _Reader(fh)
+            manifest = reader.verify(trust, now=now, sink=sink)
+        for name, data in zip((MANIFEST_NAME, SIGNATURES_NAME), reader.head, strict=True):
+            with sink.open(name) as out:
+                out.write(data)
+                sink.close(out)
         os.replace(staging, dest)
         fsync_dir(dest.parent)
     except BaseException:
@@ -294,11 +301,13 @@ class _Reader:
     offset: int = 0
     seen: set[str] = field(default_factory=set)
     members: int = 0
+    head: tuple[bytes, bytes] = (b"", b"")
 
     def read_head(self) -> tuple[bytes, bytes]:
         manifest = self._read_small_member(MANIFEST_NAME, MAX_MANIFEST_BYTES)
         signatures = self._read_small_member(SIGNATURES_NAME, MAX_SIGNATURES_BYTES)
-        return manifest, signatures
+        self.head = (manifest, signatures)
+        return self.head
 
     def verify(self, trust: TrustStore, *, now: datetime | None, sink: _DirectorySink | None) -> Manifest:
         manifest_bytes, signatures_bytes = self.read_head()

@@ -3,7 +3,7 @@
 Each command group lives in its own module and registers itself on :data:`app`; heavy imports happen
 inside the commands, so ``edgepack --help`` and the device-side commands stay fast and work without the
 compiler's dependencies. :func:`main` turns every :class:`~edgepack.errors.EdgepackError` into a red
-message and exit code 1 (no traceback: the message says what to do).
+message and exit code 1 (no traceback: the message says what to do); usage errors exit 2.
 """
 
 from __future__ import annotations
@@ -56,19 +56,7 @@ for _optional in ("compile_cmd", "agent_cmd"):
 
 def main() -> None:
     try:
-        app(standalone_mode=False)
+        app()  # standalone mode: click reports usage errors itself and exits
     except EdgepackError as exc:
         err_console.print(f"[bold red]error:[/] {exc}", highlight=False)
         sys.exit(1)
-    except typer.Exit as exc:
-        sys.exit(exc.exit_code)
-    except typer.Abort:
-        err_console.print("aborted")
-        sys.exit(130)
-    except Exception as exc:  # click usage errors arrive here with standalone_mode=False
-        import click
-
-        if isinstance(exc, click.ClickException):
-            exc.show()
-            sys.exit(exc.exit_code)
-        raise

@@ -1,0 +1,191 @@
+"""The live models a device serves, and hot swap with no failed request.
+
+Each model name has a :class:`ModelSlot` holding the current :class:`LiveModel` (a loaded runtime model
+plus its bundle's name, version and signature). A request *leases* the slot's current model and runs on
+it to the end even if a swap happens meanwhile; ``swap`` points new leases at the new model at once and
+closes the old one when its last lease is returned. Nothing waits on the event loop: a lease is a counter
+under a lock.
+
+:class:`LiveModels` is the collection of slots and implements the local API's ``ModelRepository``
+protocol (``acquire``, ``ready``, ``index``, ``server_ready``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from edgepack.errors import ModelNotFoundError, ModelNotReadyError
+from edgepack.manifest import Manifest, TensorSpec
+from edgepack.runtimes.base import LoadedModel
+
+log = logging.getLogger(__name__)
+
+PLATFORMS = {"onnxruntime": "onnxruntime_onnx", "openvino": "openvino_ir", "litert": "litert_tflite"}
+
+
+@dataclass
+class LiveModel:
+    """A loaded bundle as the API serves it (the API's ``ServedModel``)."""
+
+    manifest: Manifest
+    digest: str
+    runtime_model: LoadedModel
+    leases: int = 0
+    retired: bool = False
+    closed: bool = False
+
+    @property
+    def name(self) -> str:
+        return self.manifest.name
+
+    @property
+    def version(self) -> str:
+        return self.manifest.version
+
+    @property
+    def platform(self) -> str:
+        return PLATFORMS.get(self.manifest.runtime.name, self.manifest.runtime.name)
+
+    @property
+    def inputs(self) -> list[TensorSpec]:
+        return self.runtime_model.inputs
+
+    @property
+    def outputs(self) -> list[TensorSpec]:
+        return self.runtime_model.outputs
+
+    def infer(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return self.runtime_model.infer(inputs)
+
+
+@dataclass
+class ModelSlot:
+    """The current model for one name; swaps atomically, drains the old one."""
+
+    name: str
+    current: LiveModel | None = None
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @contextlib.contextmanager
+    def lease(self) -> Iterator[LiveModel]:
+        with self._lock:
+            model = self.current
+            if model is None:
+                raise ModelNotReadyError(f"model {self.name!r} has no active version loaded")
+            model.leases += 1
+        try:
+            yield model
+        finally:
+            with self._lock:
+                model.leases -= 1
+                close_now = model.retired and model.leases == 0 and not model.closed
+                if close_now:
+                    model.closed = True
+            if close_now:
+                _close(model)
+
+    def swap(self, new: LiveModel | None) -> LiveModel | None:
+        """Make ``new`` current; the old model is closed once its in-flight requests finish."""
+        with self._lock:
+            old, self.current = self.current, new
+            close_now = False
+            if old is not None and old is not new:
+                old.retired = True
+                close_now = old.leases == 0 and not old.closed
+                if close_now:
+                    old.closed = True
+        if close_now and old is not None:
+            _close(old)
+        return old
+
+
+def _close(model: LiveModel) -> None:
+    log.info("closing %s %s (drained)", model.name, model.version)
+    model.runtime_model.close()
+
+
+class SwapListener:
+    """Hooks the metrics (or anything else) can implement to hear about swaps."""
+
+    def swapped(self, name: str, old: str | None, new: str | None) -> None:  # pragma: no cover - default no-op
+        """Called after the slot ``name`` switched from version ``old`` to ``new``."""
+
+    def rolled_back(self, name: str, reason: str) -> None:  # pragma: no cover - default no-op
+        """Called after an install of ``name`` was rolled back."""
+
+
+class LiveModels:
+    """All slots of a device; the local API's model repository."""
+
+    def __init__(self, listener: SwapListener | None = None) -> None:
+        self._slots: dict[str, ModelSlot] = {}
+        self._lock = threading.Lock()
+        self._failures: dict[str, str] = {}
+        self.listener = listener or SwapListener()
+
+    def slot(self, name: str) -> ModelSlot:
+        with self._lock:
+            return self._slots.setdefault(name, ModelSlot(name))
+
+    def swap(self, name: str, new: LiveModel | None) -> LiveModel | None:
+        old = self.slot(name).swap(new)
+        self.listener.swapped(name, old.version if old else None, new.version if new else None)
+        return old
+
+    def current(self, name: str) -> LiveModel | None:
+        slot = self._slots.get(name)
+        return slot.current if slot else None
+
+    def names(self) -> list[str]:
+        return sorted(n for n, s in self._slots.items() if s.current is not None)
+
+    def note_failure(self, name: str, reason: str) -> None:
+        """Record why the last install of ``name`` failed (shown in the repository index)."""
+        self._failures[name] = reason
+        self.slot(name)  # a failed model is listed in the index, with the reason
+        self.listener.rolled_back(name, reason)
+
+    def close_all(self) -> None:
+        for slot in list(self._slots.values()):
+            slot.swap(None)
+
+    # --- ModelRepository protocol ---------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def acquire(self, name: str, version: str | None = None) -> Iterator[LiveModel]:
+        slot = self._slots.get(name)
+        if slot is None:
+            raise ModelNotFoundError(f"unknown model {name!r}; this device serves {', '.join(self.names()) or 'nothing yet'}")
+        with slot.lease() as model:
+            if version is not None and version != model.version:
+                raise ModelNotFoundError(f"model {name!r} has no version {version!r}; it serves {model.version}")
+            yield model
+
+    def ready(self, name: str, version: str | None = None) -> bool:
+        if name not in self._slots:
+            raise ModelNotFoundError(f"unknown model {name!r}; this device serves {', '.join(self.names()) or 'nothing yet'}")
+        model = self.current(name)
+        if model is not None and version is not None and version != model.version:
+            raise ModelNotFoundError(f"model {name!r} has no version {version!r}; it serves {model.version}")
+        return model is not None
+
+    def index(self) -> list[dict[str, Any]]:
+        entries = []
+        for name in sorted(self._slots):
+            model = self._slots[name].current
+            if model is not None:
+                reason = self._failures.get(name, "")
+                entries.append({"name": name, "version": model.version, "state": "READY", "reason": reason})
+            else:
+                entries.append({"name": name, "version": "", "state": "UNAVAILABLE", "reason": self._failures.get(name, "")})
+        return entries
+
+    def server_ready(self) -> bool:
+        return True

@@ -1,0 +1,5 @@
+"""``python -m edgepack`` runs the CLI."""
+
+from edgepack.cli import main
+
+main()
