@@ -104,18 +104,26 @@ class Installer:
                 raise InstallError(f"model {name!r} has no previous bundle to roll back to")
             manifest = self.store.manifest(previous)
             journal = self.store.new_journal(name, previous, manifest.version, "rollback")
-            return self._run(journal, manifest, previous, lambda: self.store.reverify(previous, self.trust), rollback=True)
+            return self._run(
+                journal, manifest, previous, lambda: self.store.reverify(previous, self.trust), rollback=True
+            )
 
     def recover(self) -> list[str]:
         """Settle installs a crash interrupted; returns what was done. Call once at boot."""
         notes = []
+        state = self.store.load_state()
         for journal in self.store.journals():
-            if not journal.finished:
+            if journal.finished:
+                continue
+            if state.model(journal.data["name"]).active == journal.data["bundle"]:
+                reason = f"interrupted after its commit was persisted (during {journal.state}); it stays active"
+                journal.advance("committed", reason)
+            else:
                 reason = f"interrupted during {journal.state} (power loss or crash); the committed model stays"
                 journal.advance("rolled_back", reason)
-                notes.append(f"{journal.data['name']} {journal.data['version']}: {reason}")
-                log.warning("recovered %s", notes[-1])
-        self.store.remove_unreferenced(self.store.load_state())
+            notes.append(f"{journal.data['name']} {journal.data['version']}: {reason}")
+            log.warning("recovered %s", notes[-1])
+        self.store.remove_unreferenced(state)
         return notes
 
     def load_committed(self) -> dict[str, str]:
@@ -151,6 +159,7 @@ class Installer:
             self._step(journal, "switch", result, lambda: self.live.swap(manifest.name, staged))
             switched = True
             self._step(journal, "commit", result, lambda: self._commit(manifest, digest, rollback=rollback))
+            self.on_state("committed")
         except EdgepackError as exc:
             result.reason = f"{journal.state} failed: {exc}"
             self._roll_back(manifest_name=head.name, staged=staged, switched=switched)
@@ -192,7 +201,9 @@ class Installer:
                 )
                 result.selftest = {"samples": report.samples, "max_abs_diff": report.max_abs_diff}
             else:
-                log.warning("%s %s carries no self-test vectors; staged on a warm-up run only", manifest.name, manifest.version)
+                log.warning(
+                    "%s %s carries no self-test vectors; staged on a warm-up run only", manifest.name, manifest.version
+                )
         except EdgepackError:
             model.runtime_model.close()
             raise
@@ -267,4 +278,3 @@ def _warm_up(model: Any, manifest: Manifest, bundle_dir: Path) -> None:
         shape = [d if isinstance(d, int) else 1 for d in spec.shape]
         feeds[spec.name] = np.zeros(shape, dtype=numpy_dtype(spec.dtype))
     model.infer(feeds)
-

@@ -162,7 +162,9 @@ class LiveModels:
     def acquire(self, name: str, version: str | None = None) -> Iterator[LiveModel]:
         slot = self._slots.get(name)
         if slot is None:
-            raise ModelNotFoundError(f"unknown model {name!r}; this device serves {', '.join(self.names()) or 'nothing yet'}")
+            raise ModelNotFoundError(
+                f"unknown model {name!r}; this device serves {', '.join(self.names()) or 'nothing yet'}"
+            )
         with slot.lease() as model:
             if version is not None and version != model.version:
                 raise ModelNotFoundError(f"model {name!r} has no version {version!r}; it serves {model.version}")
@@ -170,7 +172,9 @@ class LiveModels:
 
     def ready(self, name: str, version: str | None = None) -> bool:
         if name not in self._slots:
-            raise ModelNotFoundError(f"unknown model {name!r}; this device serves {', '.join(self.names()) or 'nothing yet'}")
+            raise ModelNotFoundError(
+                f"unknown model {name!r}; this device serves {', '.join(self.names()) or 'nothing yet'}"
+            )
         model = self.current(name)
         if model is not None and version is not None and version != model.version:
             raise ModelNotFoundError(f"model {name!r} has no version {version!r}; it serves {model.version}")
@@ -184,7 +188,9 @@ class LiveModels:
                 reason = self._failures.get(name, "")
                 entries.append({"name": name, "version": model.version, "state": "READY", "reason": reason})
             else:
-                entries.append({"name": name, "version": "", "state": "UNAVAILABLE", "reason": self._failures.get(name, "")})
+                entries.append(
+                    {"name": name, "version": "", "state": "UNAVAILABLE", "reason": self._failures.get(name, "")}
+                )
         return entries
 
     def server_ready(self) -> bool:

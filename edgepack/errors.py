@@ -34,7 +34,10 @@ catches :class:`EdgepackError` and prints its message with a non-zero exit code.
     │   └── AccuracyError           the result lost more accuracy than allowed
     ├── InstallError                the agent could not install a bundle
     │   └── SelfTestError           the bundle's self-test failed on this device
-    └── ProtocolError               a malformed or unexpected MQTT message
+    ├── ProtocolError               a malformed or unexpected MQTT message
+    └── ApiError                    a request the local inference API cannot serve (4xx)
+        ├── ModelNotFoundError, ModelNotReadyError
+        └── BadRequestError, RequestTooLargeError, UnauthorizedError
 """
 
 from __future__ import annotations
@@ -210,3 +213,81 @@ class RequestTooLargeError(ApiError):
 
 class UnauthorizedError(ApiError):
     """The API requires a bearer token and the request carries none or a wrong one."""
+
+
+# --- MQTT delivery -------------------------------------------------------------------------------
+# Subclasses of ProtocolError raised by edgepack.protocol, edgepack.mqtt and the agent's link. Each
+# carries a short machine-readable ``code`` that the device puts into the "rejected"/"result" event it
+# publishes, next to the human-readable message (docs/protocol.md lists the codes).
+#
+#   ProtocolError
+#   ├── MalformedMessageError       not JSON, not the schema, or another protocol version
+#   ├── UnknownCommandError         a command action this agent does not know
+#   ├── WrongRecipientError         a message for another device or a group this device is not in
+#   ├── ReplayedCommandError        a command id this device has already accepted
+#   ├── StaleCommandError           a command older than one already accepted, or past its expiry
+#   ├── TransferError               a bundle transfer that cannot go on
+#   │   ├── ChunkMismatchError      a chunk whose bytes do not match its hash or size
+#   │   ├── IndexMismatchError      a chunk index that contradicts itself or the signed command
+#   │   └── QuotaExceededError      the bundle would not fit in the device's disk quota
+#   └── BrokerConnectionError       the broker cannot be reached or refuses the connection
+
+
+class MalformedMessageError(ProtocolError):
+    """A message that is not JSON, does not match its schema, or speaks another protocol version."""
+
+    code = "malformed"
+
+
+class UnknownCommandError(ProtocolError):
+    """A command whose action this agent does not know."""
+
+    code = "unknown_command"
+
+
+class WrongRecipientError(ProtocolError):
+    """A command addressed to another device, or to a group this device is not in."""
+
+    code = "wrong_recipient"
+
+
+class ReplayedCommandError(ProtocolError):
+    """A command whose id this device has already accepted."""
+
+    code = "replayed"
+
+
+class StaleCommandError(ProtocolError):
+    """A command older (by sequence) than one already accepted for the same model, or past its expiry."""
+
+    code = "stale"
+
+
+class TransferError(ProtocolError):
+    """A bundle transfer that cannot go on."""
+
+    code = "transfer"
+
+
+class ChunkMismatchError(TransferError):
+    """A chunk whose bytes do not match the hash it was published under, or the size its index gives."""
+
+    code = "chunk_mismatch"
+
+
+class IndexMismatchError(TransferError):
+    """A chunk index that contradicts itself or the signed command that pins it."""
+
+    code = "index_invalid"
+
+
+class QuotaExceededError(TransferError):
+    """The bundle would not fit in the device's disk quota or free space."""
+
+    code = "quota"
+
+
+class BrokerConnectionError(ProtocolError):
+    """The MQTT broker cannot be reached or refuses the connection."""
+
+    code = "broker"

@@ -86,7 +86,10 @@ def test_other_target_untrusted_and_garbage_are_refused(device, keyring, tmp_pat
     _store, live, installer = device
     installer.install(linear_bundle(tmp_path, keyring.keys["release"], version="1.0.0")[0])
     cases = [
-        (linear_bundle(tmp_path, keyring.keys["release"], version="1.1.0", target="rpi4")[0], "built for target 'rpi4'"),
+        (
+            linear_bundle(tmp_path, keyring.keys["release"], version="1.1.0", target="rpi4")[0],
+            "built for target 'rpi4'",
+        ),
         (linear_bundle(tmp_path, keyring.keys["stranger"], version="1.2.0", scale=3.0)[0], "unknown key"),
     ]
     garbage = tmp_path / "garbage.epk"
@@ -101,7 +104,9 @@ def test_other_target_untrusted_and_garbage_are_refused(device, keyring, tmp_pat
 def test_two_models_side_by_side(device, keyring, tmp_path):
     store, live, installer = device
     installer.install(linear_bundle(tmp_path, keyring.keys["release"], name="detector", version="1.0.0")[0])
-    installer.install(linear_bundle(tmp_path, keyring.keys["release"], name="classifier", version="3.0.0", scale=2.0)[0])
+    installer.install(
+        linear_bundle(tmp_path, keyring.keys["release"], name="classifier", version="3.0.0", scale=2.0)[0]
+    )
     assert live.names() == ["classifier", "detector"]
     assert _served(live, "detector")[0] == "1.0.0" and _served(live, "classifier")[0] == "3.0.0"
     assert json.loads((store.root / "state.json").read_text())["models"].keys() == {"classifier", "detector"}
