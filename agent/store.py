@@ -29,11 +29,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-import semver
-
 from edgepack.bundle import MANIFEST_NAME, SIGNATURES_NAME
 from edgepack.errors import InstallError
-from edgepack.fsutil import atomic_write_json, read_json
+from edgepack.fsutil import atomic_write_json, file_digest, read_json
 from edgepack.manifest import Manifest, parse_manifest
 from edgepack.trust import TrustStore, decode_signatures
 
@@ -115,20 +113,19 @@ class DeviceStore:
         if bundle_hash(manifest_bytes) != digest:
             raise InstallError(f"stored bundle {digest[:12]}… does not match its name: the store was altered")
         manifest = parse_manifest(manifest_bytes)
-        trust.verify("manifest", manifest_bytes, decode_signatures((directory / SIGNATURES_NAME).read_bytes()), "bundle")
+        trust.verify(
+            "manifest", manifest_bytes, decode_signatures((directory / SIGNATURES_NAME).read_bytes()), "bundle"
+        )
         for pinned in manifest.files:
-            path = directory / pinned.path
-            digest_now = hashlib.sha256()
-            with open(path, "rb") as fh:
-                while chunk := fh.read(1 << 20):
-                    digest_now.update(chunk)
-            if digest_now.hexdigest() != pinned.sha256:
-                raise InstallError(f"stored bundle {manifest.name} {manifest.version}: {pinned.path} was altered on disk")
+            if file_digest(directory / pinned.path) != (pinned.size, pinned.sha256):
+                raise InstallError(
+                    f"stored bundle {manifest.name} {manifest.version}: {pinned.path} was altered on disk"
+                )
         return manifest
 
-    def remove_unreferenced(self, state: StoreState, keep: set[str] = frozenset()) -> list[str]:  # type: ignore[assignment]
+    def remove_unreferenced(self, state: StoreState) -> list[str]:
         """Delete stored bundles that no model references (after a commit or a recovery)."""
-        referenced = {d for m in state.models.values() for d in (m.active, m.previous) if d} | set(keep)
+        referenced = {d for m in state.models.values() for d in (m.active, m.previous) if d}
         removed = []
         for directory in (self.root / "bundles").iterdir():
             if directory.name not in referenced:
@@ -188,12 +185,10 @@ class Journal:
 
     def advance(self, state: str, reason: str | None = None) -> None:
         self.data["state"] = state
-        self.data["history"].append({"state": state, "at": datetime.now(timezone.utc).isoformat(timespec="milliseconds")})
+        self.data["history"].append(
+            {"state": state, "at": datetime.now(timezone.utc).isoformat(timespec="milliseconds")}
+        )
         if state in self.TERMINAL:
             self.data["outcome"] = state
             self.data["reason"] = reason
         atomic_write_json(self.path, self.data)
-
-
-def version_key(version: str) -> semver.Version:
-    return semver.Version.parse(version)

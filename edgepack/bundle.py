@@ -45,7 +45,7 @@ from edgepack.errors import (
     UnexpectedPayloadError,
     UnsafeArchiveError,
 )
-from edgepack.fsutil import atomic_writer, fsync_dir
+from edgepack.fsutil import atomic_writer, file_digest, fsync_dir
 from edgepack.keys import SigningKey
 from edgepack.manifest import (
     MANIFEST_NAME,
@@ -263,16 +263,11 @@ def _write_file_member(fh: IO[bytes], pinned: PayloadFile, source: Path) -> None
 
 
 def _size_and_digest(path: Path) -> dict[str, Any]:
-    digest = hashlib.sha256()
-    size = 0
     try:
-        with open(path, "rb") as fh:
-            while chunk := fh.read(CHUNK):
-                digest.update(chunk)
-                size += len(chunk)
+        size, sha256 = file_digest(path, CHUNK)
     except OSError as exc:
         raise BundleFormatError(f"cannot read {path}: {exc.strerror}") from exc
-    return {"size": size, "sha256": digest.hexdigest()}
+    return {"size": size, "sha256": sha256}
 
 
 class _DirectorySink:

@@ -8,6 +8,7 @@ mix or a torn write.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import tempfile
@@ -55,6 +56,17 @@ def atomic_write_bytes(path: Path, data: bytes, mode: int = 0o644) -> None:
 
 def atomic_write_json(path: Path, obj: Any, mode: int = 0o644) -> None:
     atomic_write_bytes(path, json.dumps(obj, indent=2, sort_keys=True).encode() + b"\n", mode)
+
+
+def file_digest(path: Path, chunk: int = 1 << 20) -> tuple[int, str]:
+    """Size and hex sha256 of a file, read in chunks (constant memory)."""
+    digest = hashlib.sha256()
+    size = 0
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+            size += len(block)
+    return size, digest.hexdigest()
 
 
 def read_json(path: Path) -> Any:
