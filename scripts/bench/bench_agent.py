@@ -74,7 +74,10 @@ def make_bundles(root: Path, key: SigningKey, count: int, image: int) -> list[Pa
         out = root / f"cnn-{i}.epk"
         write_bundle(
             out,
-            files=[BundleFile("model.onnx", model, "model"), BundleFile("selftest.npz", root / "selftest.npz", "selftest")],
+            files=[
+                BundleFile("model.onnx", model, "model"),
+                BundleFile("selftest.npz", root / "selftest.npz", "selftest"),
+            ],
             signers=[key],
             name="cnn",
             version=f"1.0.{i}",
@@ -174,7 +177,14 @@ def main() -> None:
             agent_rss = psutil.Process(agent.pid).memory_info().rss
         finally:
             agent.kill()
-        bare_rss = int(subprocess.run([sys.executable, "-c", BARE, str(root / "model.onnx"), str(args.threads)], capture_output=True, text=True, check=True).stdout)
+        bare_rss = int(
+            subprocess.run(
+                [sys.executable, "-c", BARE, str(root / "model.onnx"), str(args.threads)],
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stdout
+        )
     ratio = during["p99 ms"] / steady["p99 ms"]
     memory = {
         "phase": "memory",
@@ -185,7 +195,9 @@ def main() -> None:
     rows = [steady, during, {"phase": "p99 during / steady", "ratio": round(ratio, 2)}, memory]
     for row in rows:
         print(row)
-    mean_install = {k: round(statistics.mean(t[k] for t in install_times), 3) for k in install_times[0]} if install_times else {}
+    mean_install = (
+        {k: round(statistics.mean(t[k] for t in install_times), 3) for k in install_times[0]} if install_times else {}
+    )
     write_results(
         "agent",
         rows,

@@ -13,7 +13,9 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 
-def resnet_like(path: Path, *, image: int = 64, width: int = 32, blocks: int = 4, classes: int = 10, seed: int = 0) -> Path:
+def resnet_like(
+    path: Path, *, image: int = 64, width: int = 32, blocks: int = 4, classes: int = 10, seed: int = 0
+) -> Path:
     rng = np.random.default_rng(seed)
     nodes, inits = [], []
 
@@ -22,7 +24,11 @@ def resnet_like(path: Path, *, image: int = 64, width: int = 32, blocks: int = 4
         w = (rng.standard_normal((cout, cin, 3, 3)) * np.sqrt(2.0 / (cin * 9))).astype(np.float32)
         b = (rng.standard_normal(cout) * 0.01).astype(np.float32)
         inits.extend([numpy_helper.from_array(w, f"{name}.w"), numpy_helper.from_array(b, f"{name}.b")])
-        nodes.append(helper.make_node("Conv", [inp, f"{name}.w", f"{name}.b"], [f"{name}.y"], pads=[1, 1, 1, 1], strides=[stride, stride]))
+        nodes.append(
+            helper.make_node(
+                "Conv", [inp, f"{name}.w", f"{name}.b"], [f"{name}.y"], pads=[1, 1, 1, 1], strides=[stride, stride]
+            )
+        )
         if not relu:
             return f"{name}.y"
         nodes.append(helper.make_node("Relu", [f"{name}.y"], [f"{name}.r"]))

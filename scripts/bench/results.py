@@ -14,7 +14,11 @@ RESULTS = Path(__file__).parent / "results"
 def machine() -> dict[str, Any]:
     import os
 
-    return {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "python": platform.python_version()}
+    return {
+        "cpu": platform.processor() or platform.machine(),
+        "cores": os.cpu_count(),
+        "python": platform.python_version(),
+    }
 
 
 def write_results(name: str, rows: list[dict[str, Any]], *, title: str, notes: list[str] | None = None) -> Path:
