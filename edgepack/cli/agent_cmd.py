@@ -108,7 +108,13 @@ def register(app: typer.Typer) -> None:
         labels = manifest.metadata.get("labels")
         first = next(iter(outputs.values()))
         if isinstance(labels, list) and first.ndim == 2 and first.shape[1] == len(labels):
-            console.print("top-1: " + ", ".join(str(labels[i]) for i in first.argmax(axis=1)[:16]))
+            predicted = first.argmax(axis=1)
+            console.print("top-1: " + ", ".join(str(labels[i]) for i in predicted[:16]))
+            if samples.labels is not None and len(samples.labels) == len(predicted):
+                correct = int((predicted == samples.labels.astype(predicted.dtype)).sum())
+                console.print(
+                    f"accuracy against the file's labels: {correct}/{len(predicted)} = {100 * correct / len(predicted):.2f}%"
+                )
         if output is not None:
             np.savez(output, **outputs)
             console.print(f"wrote {output}")

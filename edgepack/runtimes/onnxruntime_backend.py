@@ -15,7 +15,12 @@ session serves every caller.
 
 from __future__ import annotations
 
+import functools
+import importlib.metadata
 import logging
+import re
+import shutil
+import subprocess
 from collections.abc import Mapping, Sequence
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -195,6 +200,7 @@ def _resolve_paths(provider: str, provider_options: Mapping[str, Any], cache_dir
 
 
 def _cache_path(provider: str, key: str, value: str, cache_dir: Path | None) -> str:
+    value = fill_device_placeholders(value)
     relative = PurePosixPath(value)
     if relative.is_absolute() or ".." in relative.parts:
         raise RuntimeBackendError(
@@ -207,6 +213,53 @@ def _cache_path(provider: str, key: str, value: str, cache_dir: Path | None) -> 
     path = Path(cache_dir) / relative
     (path.parent if key.endswith("_file_path") else path).mkdir(parents=True, exist_ok=True)
     return str(path)
+
+
+def fill_device_placeholders(value: str) -> str:
+    """Replace ``{trt_version}`` and ``{gpu}`` in a cache path with this device's TensorRT version and GPU.
+
+    The compiler keys TensorRT engine and timing caches by model hash + TensorRT version + GPU, so the first
+    boot builds the engine once and later boots (or the same model on an identical device) reuse it, while
+    a TensorRT upgrade or another GPU never loads a stale engine.
+    """
+    if "{trt_version}" in value:
+        value = value.replace("{trt_version}", _safe_component(_tensorrt_version()))
+    if "{gpu}" in value:
+        value = value.replace("{gpu}", _safe_component(_gpu_name()))
+    return value
+
+
+@functools.cache
+def _tensorrt_version() -> str:
+    for dist in ("tensorrt", "tensorrt-libs", "tensorrt_libs", "tensorrt-cu12", "tensorrt-cu13"):
+        try:
+            return importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return "trt-unknown"
+
+
+@functools.cache
+def _gpu_name() -> str:
+    """The GPU's name: nvidia-smi on dGPU machines, the device-tree model on Jetson boards."""
+    smi = shutil.which("nvidia-smi")
+    if smi:
+        try:
+            out = subprocess.run(
+                [smi, "--query-gpu=name", "--format=csv,noheader"], capture_output=True, text=True, timeout=10
+            )
+            if out.returncode == 0 and out.stdout.strip():
+                return out.stdout.strip().splitlines()[0]
+        except (OSError, subprocess.TimeoutExpired):
+            pass
+    model = Path("/proc/device-tree/model")
+    if model.is_file():
+        return model.read_text(errors="replace").strip("\x00 \n")
+    return "gpu-unknown"
+
+
+def _safe_component(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-") or "unknown"
 
 
 def _stringify(provider_options: Mapping[str, Any]) -> dict[str, str]:

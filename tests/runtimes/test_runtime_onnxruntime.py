@@ -146,3 +146,17 @@ def test_unloadable_file_and_closed_model(tmp_path: Path, model) -> None:
     model.close()
     with pytest.raises(RuntimeBackendError, match="closed"):
         model.infer({"input": np.zeros((1, 1, 8, 8), np.float32)})
+
+
+def test_tensorrt_cache_paths_are_keyed_by_this_device(tmp_path, monkeypatch):
+    from edgepack.runtimes import onnxruntime_backend as backend
+    from edgepack.runtimes.base import RuntimeOptions
+
+    monkeypatch.setattr(backend, "_tensorrt_version", lambda: "10.3.0")
+    monkeypatch.setattr(backend, "_gpu_name", lambda: "NVIDIA H100 80GB HBM3")
+    plan = [{"name": "TensorrtExecutionProvider", "options": {"trt_engine_cache_path": "tensorrt/engines/abc/{trt_version}/{gpu}"}}]
+    (name, options), _cpu = backend.select_providers(
+        plan, ["TensorrtExecutionProvider", "CPUExecutionProvider"], RuntimeOptions(cache_dir=tmp_path)
+    )
+    assert name == "TensorrtExecutionProvider"
+    assert options["trt_engine_cache_path"] == str(tmp_path / "tensorrt/engines/abc/10.3.0/NVIDIA-H100-80GB-HBM3")

@@ -1,0 +1,163 @@
+"""Accuracy-aware int8: quantize, and while the accuracy bar fails keep the worst nodes in float.
+
+Plain int8 breaks many real models (detectors whose boxes and scores share a tensor, activation
+outliers, recurrent state). The search:
+
+1. quantize everything (static QDQ, the target's settings) and compare against the float model;
+2. if the bar fails, run the per-node error analysis (:mod:`edgepack.compiler.node_errors`) on
+   calibration samples and keep the worst-scoring tensor in float — its producer and consumers are
+   excluded from quantization — then quantize again (calibration ranges are cached, so this is cheap);
+3. repeat, one tensor per step for the first steps and then doubling, until the bar holds, the step
+   budget is spent, or half the graph would be float (int8 no longer pays). The caller falls back to fp16/fp32 only when this finds nothing.
+
+For MatMul-heavy models without convolutions (transformers, MLPs) dynamic quantization is tried as well,
+and the faster of the two that pass is kept — measured on this host, not assumed.
+
+The outcome lists every node kept in float with the reason (which tensor, its SQNR under int8) and the
+step that added it, plus each try's result; the pipeline adds the speed against fp32.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgepack.compiler.compare import AccuracyReport
+from edgepack.compiler.node_errors import analyse
+from edgepack.compiler.quantize_ort import Int8Settings, quantize_int8
+from edgepack.compiler.speed import latency_ms
+
+log = logging.getLogger(__name__)
+
+Feeds = Sequence[dict[str, np.ndarray]]
+
+
+@dataclass(frozen=True)
+class KeptInFloat:
+    nodes: tuple[str, ...]
+    reason: str
+    step: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"nodes": list(self.nodes), "reason": self.reason, "step": self.step}
+
+
+@dataclass
+class Int8Outcome:
+    """The int8 model that passed (``model``), or None, and how the search got there."""
+
+    model: Path | None
+    settings: Int8Settings
+    report: AccuracyReport | None
+    kept_in_float: list[KeptInFloat] = field(default_factory=list)
+    tries: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def nodes_in_float(self) -> list[str]:
+        return [n for k in self.kept_in_float for n in k.nodes]
+
+
+def search_int8(
+    fp32_model: Path,
+    workdir: Path,
+    *,
+    calibration: Feeds,
+    analysis_feeds: Feeds,
+    settings: Int8Settings,
+    evaluate: Callable[[Path], AccuracyReport],
+    adaptive: bool = True,
+    max_steps: int = 8,
+    try_dynamic: bool = False,
+    on_try: Callable[[str], None] | None = None,
+) -> Int8Outcome:
+    """Find an int8 model of ``fp32_model`` that passes ``evaluate``'s bar; see the module docstring."""
+    cache = workdir / "calibration-ranges.json"
+    static = _static_search(
+        fp32_model, workdir, calibration, analysis_feeds, settings, evaluate, adaptive, max_steps, cache, on_try
+    )
+    if not try_dynamic:
+        return static
+    dynamic_settings = settings.dynamic()
+    dyn_path = workdir / "int8-dynamic.onnx"
+    quantize_int8(fp32_model, dyn_path, calibration, dynamic_settings)
+    dyn_report = evaluate(dyn_path)
+    dyn_try = {"step": "dynamic", "nodes_in_float": 0, "passed": dyn_report.passed, "summary": dyn_report.summary()}
+    if on_try:
+        on_try(f"dynamic int8: {'passes' if dyn_report.passed else 'fails'}")
+    if not dyn_report.passed:
+        static.tries.append(dyn_try)
+        return static
+    if static.model is None:
+        return Int8Outcome(dyn_path, dynamic_settings, dyn_report, [], [*static.tries, dyn_try])
+    feed = dict(calibration[0])
+    t_static = latency_ms(static.model, feed, threads=1, budget_s=0.5)
+    t_dynamic = latency_ms(dyn_path, feed, threads=1, budget_s=0.5)
+    dyn_try["latency_ms"] = round(t_dynamic, 4)
+    static.tries[-1]["latency_ms"] = round(t_static, 4)
+    log.info("static int8 %.3f ms, dynamic int8 %.3f ms", t_static, t_dynamic)
+    if t_dynamic < t_static:
+        return Int8Outcome(dyn_path, dynamic_settings, dyn_report, [], [*static.tries, dyn_try])
+    static.tries.append(dyn_try)
+    return static
+
+
+def _static_search(
+    fp32_model: Path,
+    workdir: Path,
+    calibration: Feeds,
+    analysis_feeds: Feeds,
+    settings: Int8Settings,
+    evaluate: Callable[[Path], AccuracyReport],
+    adaptive: bool,
+    max_steps: int,
+    cache: Path,
+    on_try: Callable[[str], None] | None,
+    max_float_fraction: float = 0.5,
+) -> Int8Outcome:
+    import onnx
+
+    total_nodes = len(onnx.load(str(fp32_model), load_external_data=False).graph.node)
+    excluded: list[str] = []
+    kept: list[KeptInFloat] = []
+    tries: list[dict[str, Any]] = []
+    report: AccuracyReport | None = None
+    for step in range(max_steps + 1):
+        candidate = workdir / f"int8-step{step}.onnx"
+        quantize_int8(fp32_model, candidate, calibration, settings, nodes_to_exclude=excluded, calibration_cache=cache)
+        report = evaluate(candidate)
+        tries.append(
+            {"step": step, "nodes_in_float": len(excluded), "passed": report.passed, "summary": report.summary()}
+        )
+        log.info(
+            "int8 try %d (%d nodes in float): %s", step, len(excluded), "passes" if report.passed else report.failures
+        )
+        if on_try:
+            on_try(f"int8 try {step}: {len(excluded)} node(s) in float, {'passes' if report.passed else 'fails'}")
+        if report.passed:
+            return Int8Outcome(candidate, settings, report, kept, tries)
+        if not adaptive or step == max_steps:
+            break
+        findings = analyse(fp32_model, candidate, analysis_feeds)
+        batch = 1 if step < 4 else 2 ** (step - 3)
+        added = 0
+        for finding in findings:
+            new = tuple(n for n in finding.nodes if n not in excluded)
+            if not new:
+                continue
+            excluded.extend(new)
+            kept.append(KeptInFloat(new, finding.reason(), step + 1))
+            added += 1
+            if added >= batch:
+                break
+        if not added:
+            log.info("int8: no quantized tensor left to keep in float")
+            break
+        if len(excluded) > max_float_fraction * total_nodes:
+            log.info("int8: %d of %d nodes would be float; int8 no longer pays", len(excluded), total_nodes)
+            break
+    return Int8Outcome(None, settings, report, kept, tries)

@@ -1,0 +1,225 @@
+"""Pipeline step 4: how far the compiled model's outputs are from the original's, and whether that is allowed.
+
+Per output, over every sample: max and mean absolute difference and cosine similarity (per sample, then
+averaged; the worst sample is kept too). Outputs that hold class scores — rank 2, [rows, classes] with
+classes >= 2 — also get top-1 agreement (how often both models pick the same class), and, when labels
+are given, each model's accuracy. Integer outputs (indices, ids) get exact agreement instead.
+
+The bar (:class:`AccuracyBar`, default): top-1 agreement >= 99 %, labelled accuracy may drop by at most
+1 point, and outputs that are not class scores keep cosine similarity >= 0.99. ``--max-accuracy-drop X``
+sets the labelled drop to X points and the agreement floor to 100 - X.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+from edgepack.manifest import TensorSpec
+
+Outputs = Sequence[Mapping[str, np.ndarray]]
+
+
+@dataclass(frozen=True)
+class AccuracyBar:
+    """What the compiled model must keep. Percent and points are on a 0–100 scale."""
+
+    max_accuracy_drop: float = 1.0
+    min_top1_agreement: float = 99.0
+    min_cosine: float = 0.99
+
+    @classmethod
+    def from_max_drop(cls, points: float) -> AccuracyBar:
+        return cls(max_accuracy_drop=points, min_top1_agreement=max(0.0, 100.0 - points))
+
+
+@dataclass
+class OutputReport:
+    """Measured differences of one output."""
+
+    name: str
+    kind: str  # "class_scores", "values" or "integers"
+    max_abs_diff: float
+    mean_abs_diff: float
+    cosine_mean: float | None
+    cosine_min: float | None
+    top1_agreement: float | None = None  # percent
+    accuracy_reference: float | None = None  # percent, with labels
+    accuracy_compiled: float | None = None
+
+    @property
+    def accuracy_drop(self) -> float | None:
+        if self.accuracy_reference is None or self.accuracy_compiled is None:
+            return None
+        return self.accuracy_reference - self.accuracy_compiled
+
+
+@dataclass
+class AccuracyReport:
+    """The comparison over all outputs, the bar it was held to and what failed it."""
+
+    samples: int
+    outputs: list[OutputReport]
+    bar: AccuracyBar
+    failures: list[str] = field(default_factory=list)
+    data: str = ""  # where the samples came from
+
+    @property
+    def passed(self) -> bool:
+        return not self.failures
+
+    def margin(self) -> float:
+        """How comfortably the bar holds (larger is better; negative: failed). For ranking tries."""
+        margins = []
+        for out in self.outputs:
+            if out.top1_agreement is not None:
+                margins.append(out.top1_agreement - self.bar.min_top1_agreement)
+            if out.accuracy_drop is not None:
+                margins.append(self.bar.max_accuracy_drop - out.accuracy_drop)
+            if out.kind == "values" and out.cosine_mean is not None:
+                margins.append((out.cosine_mean - self.bar.min_cosine) * 100.0)
+        return min(margins) if margins else 0.0
+
+    def summary(self) -> str:
+        parts = []
+        for out in self.outputs:
+            bits = [f"max|d| {out.max_abs_diff:.3g}"]
+            if out.cosine_mean is not None:
+                bits.append(f"cos {out.cosine_mean:.4f}")
+            if out.top1_agreement is not None:
+                bits.append(f"top-1 agree {out.top1_agreement:.1f}%")
+            if out.accuracy_drop is not None:
+                bits.append(f"acc {out.accuracy_reference:.2f}% -> {out.accuracy_compiled:.2f}%")
+            parts.append(f"{out.name}: " + ", ".join(bits))
+        return "; ".join(parts)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "samples": self.samples,
+            "data": self.data,
+            "passed": self.passed,
+            "bar": asdict(self.bar),
+            "failures": list(self.failures),
+            "outputs": {o.name: _clean({k: v for k, v in asdict(o).items() if k != "name"}) for o in self.outputs},
+        }
+
+
+def compare_outputs(
+    reference: Outputs,
+    compiled: Outputs,
+    specs: Sequence[TensorSpec],
+    *,
+    labels: np.ndarray | None = None,
+    bar: AccuracyBar = AccuracyBar(),
+    data: str = "",
+) -> AccuracyReport:
+    """Compare per-sample outputs of the original (``reference``) and compiled model."""
+    if len(reference) != len(compiled) or not reference:
+        raise ValueError(f"need as many compiled as reference samples (>0): {len(reference)} vs {len(compiled)}")
+    reports = []
+    labelled_done = False
+    for spec in specs:
+        ref = [np.asarray(r[spec.name]) for r in reference]
+        got = [np.asarray(c[spec.name]) for c in compiled]
+        report = _compare_one(spec, ref, got)
+        if labels is not None and report.kind == "class_scores" and not labelled_done:
+            _labelled(report, ref, got, labels)
+            labelled_done = True
+        reports.append(report)
+    result = AccuracyReport(samples=len(reference), outputs=reports, bar=bar, data=data)
+    result.failures = _failures(result)
+    return result
+
+
+def is_class_scores(spec: TensorSpec) -> bool:
+    """Rank-2 float output [rows, classes] with at least two classes."""
+    return (
+        spec.dtype.startswith(("float", "bfloat"))
+        and len(spec.shape) == 2
+        and isinstance(spec.shape[1], int)
+        and spec.shape[1] >= 2
+    )
+
+
+def _compare_one(spec: TensorSpec, ref: list[np.ndarray], got: list[np.ndarray]) -> OutputReport:
+    if ref[0].dtype.kind in "iub":
+        equal = [float(np.mean(r == g)) for r, g in zip(ref, got, strict=True)]
+        diffs = [np.abs(r.astype(np.float64) - g.astype(np.float64)) for r, g in zip(ref, got, strict=True)]
+        return OutputReport(
+            name=spec.name,
+            kind="integers",
+            max_abs_diff=float(max(d.max() if d.size else 0.0 for d in diffs)),
+            mean_abs_diff=float(np.mean([d.mean() if d.size else 0.0 for d in diffs])),
+            cosine_mean=None,
+            cosine_min=None,
+            top1_agreement=100.0 * float(np.mean(equal)),
+        )
+    diffs = [np.abs(r.astype(np.float64) - g.astype(np.float64)) for r, g in zip(ref, got, strict=True)]
+    cosines = [_cosine(r, g) for r, g in zip(ref, got, strict=True)]
+    report = OutputReport(
+        name=spec.name,
+        kind="class_scores" if is_class_scores(spec) else "values",
+        max_abs_diff=float(max(d.max() if d.size else 0.0 for d in diffs)),
+        mean_abs_diff=float(np.mean([d.mean() if d.size else 0.0 for d in diffs])),
+        cosine_mean=float(np.mean(cosines)),
+        cosine_min=float(np.min(cosines)),
+    )
+    if report.kind == "class_scores":
+        r_top = np.concatenate([r.reshape(-1, r.shape[-1]).argmax(-1) for r in ref])
+        g_top = np.concatenate([g.reshape(-1, g.shape[-1]).argmax(-1) for g in got])
+        report.top1_agreement = 100.0 * float(np.mean(r_top == g_top))
+    return report
+
+
+def _labelled(report: OutputReport, ref: list[np.ndarray], got: list[np.ndarray], labels: np.ndarray) -> None:
+    r_top = np.concatenate([r.reshape(-1, r.shape[-1]).argmax(-1) for r in ref])
+    g_top = np.concatenate([g.reshape(-1, g.shape[-1]).argmax(-1) for g in got])
+    truth = np.asarray(labels).reshape(-1)
+    if truth.shape[0] != r_top.shape[0]:
+        return  # labels for another output layout; nothing to score
+    report.accuracy_reference = 100.0 * float(np.mean(r_top == truth))
+    report.accuracy_compiled = 100.0 * float(np.mean(g_top == truth))
+
+
+def _failures(result: AccuracyReport) -> list[str]:
+    bar = result.bar
+    failures = []
+    for out in result.outputs:
+        if out.top1_agreement is not None and out.top1_agreement < bar.min_top1_agreement:
+            what = "top-1 agreement" if out.kind == "class_scores" else "exact agreement"
+            failures.append(f"{out.name}: {what} {out.top1_agreement:.2f}% < {bar.min_top1_agreement:.2f}%")
+        drop = out.accuracy_drop
+        if drop is not None and drop > bar.max_accuracy_drop:
+            failures.append(
+                f"{out.name}: labelled accuracy dropped {drop:.2f} points "
+                f"({out.accuracy_reference:.2f}% -> {out.accuracy_compiled:.2f}%) > {bar.max_accuracy_drop:g}"
+            )
+        if out.kind == "values" and out.cosine_mean is not None and out.cosine_mean < bar.min_cosine:
+            failures.append(f"{out.name}: cosine similarity {out.cosine_mean:.4f} < {bar.min_cosine}")
+    return failures
+
+
+def _cosine(a: np.ndarray, b: np.ndarray) -> float:
+    x = a.astype(np.float64).ravel()
+    y = b.astype(np.float64).ravel()
+    nx, ny = float(np.linalg.norm(x)), float(np.linalg.norm(y))
+    if nx == 0.0 and ny == 0.0:
+        return 1.0
+    if nx == 0.0 or ny == 0.0 or not (math.isfinite(nx) and math.isfinite(ny)):
+        return 0.0
+    return float(np.dot(x, y) / (nx * ny))
+
+
+def _clean(values: dict[str, Any]) -> dict[str, Any]:
+    """JSON-safe: no NaN/inf (the manifest refuses them), rounded floats."""
+    out: dict[str, Any] = {}
+    for key, value in values.items():
+        if isinstance(value, float):
+            out[key] = round(value, 6) if math.isfinite(value) else None
+        else:
+            out[key] = value
+    return out

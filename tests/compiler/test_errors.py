@@ -1,0 +1,135 @@
+"""Bad input gets a clear error and leaves no output file behind."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+from edgepack.compiler.pipeline import CompileRequest, compile_model
+from edgepack.errors import ConfigError, DataError, ModelLoadError, UnsupportedModelError
+
+from .conftest import SAMPLE_MODEL, Digits, Signing
+
+
+def _request(tmp_path: Path, digits: Digits, signing: Signing, **overrides: object) -> CompileRequest:
+    fields: dict[str, object] = {
+        "model": SAMPLE_MODEL,
+        "target": "x86",
+        "calibration": digits.calibration,
+        "keys": [signing.key_file],
+        "output": tmp_path / "out.epk",
+    }
+    fields.update(overrides)
+    return CompileRequest(**fields)  # type: ignore[arg-type]
+
+
+def _fails(request: CompileRequest, error: type[Exception], *fragments: str) -> str:
+    with pytest.raises(error) as info:
+        compile_model(request)
+    message = str(info.value)
+    for fragment in fragments:
+        assert fragment in message, message
+    assert not Path(request.output).exists(), "a failed compile left an output file"
+    assert not list(Path(request.output).parent.glob("*.epk*")), "a failed compile left a temporary file"
+    return message
+
+
+def _tiny_model(path: Path, node: onnx.NodeProto, in_shape: list, out_shape: list, extra_opsets=()) -> Path:
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, in_shape)
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, out_shape)
+    graph = helper.make_graph([node], "g", [x], [y])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), *extra_opsets])
+    onnx.save(model, str(path))
+    return path
+
+
+def test_not_an_onnx_file(tmp_path: Path, digits: Digits, signing: Signing) -> None:
+    bogus = tmp_path / "model.onnx"
+    bogus.write_text("this is not a model\n")
+    _fails(_request(tmp_path, digits, signing, model=bogus), ModelLoadError, "is not an ONNX", "model.onnx")
+
+
+def test_missing_model_file(tmp_path: Path, digits: Digits, signing: Signing) -> None:
+    _fails(_request(tmp_path, digits, signing, model=tmp_path / "nope.onnx"), ModelLoadError, "does not exist")
+
+
+def test_invalid_graph(tmp_path: Path, digits: Digits, signing: Signing) -> None:
+    # Relu reading a tensor nothing produces: parses as ONNX, fails the checker
+    node = helper.make_node("Relu", ["missing"], ["y"], name="relu0")
+    model = _tiny_model(tmp_path / "broken.onnx", node, [1, 4], [1, 4])
+    _fails(_request(tmp_path, digits, signing, model=model), ModelLoadError, "not a valid ONNX graph")
+
+
+def test_op_the_target_cannot_run_names_node_and_op(tmp_path: Path, digits: Digits, signing: Signing) -> None:
+    node = helper.make_node("Twist", ["x"], ["y"], name="twist0", domain="com.example")
+    model = _tiny_model(tmp_path / "custom.onnx", node, [1, 4], [1, 4], [helper.make_opsetid("com.example", 1)])
+    _fails(_request(tmp_path, digits, signing, model=model), UnsupportedModelError, "twist0", "com.example::Twist")
+
+
+def test_dynamic_shape_without_fix_on_static_target(tmp_path: Path, digits: Digits, signing: Signing) -> None:
+    node = helper.make_node("Relu", ["x"], ["y"], name="relu0")
+    model = _tiny_model(tmp_path / "dyn.onnx", node, [1, 1, "height", "width"], [1, 1, "height", "width"])
+    message = _fails(
+        _request(tmp_path, digits, signing, model=model, target="jetson"),
+        UnsupportedModelError,
+        "input 'x'",
+        "height",
+        "--input-shape x=1,1,N,N",
+    )
+    assert "static shapes" in message
+
+
+def test_input_shape_flag_that_does_not_fit(tmp_path: Path, digits: Digits, signing: Signing) -> None:
+    _fails(
+        _request(tmp_path, digits, signing, input_shapes={"input": [1, 3, 8, 8]}),
+        ConfigError,
+        "dimension 1 of input 'input' is fixed at 1",
+    )
+    _fails(_request(tmp_path, digits, signing, input_shapes={"image": [1, 1, 8, 8]}), ConfigError, "'image'")
+
+
+def test_calibration_of_the_wrong_shape(tmp_path: Path, digits: Digits, signing: Signing) -> None:
+    bad = tmp_path / "bad.npz"
+    np.savez(bad, input=np.zeros((16, 8, 8), np.float32))
+    _fails(
+        _request(tmp_path, digits, signing, calibration=bad),
+        DataError,
+        "calibration data",
+        "input 'input'",
+        "[batch, 1, 8, 8]",
+        "found float32 [16, 8, 8]",
+    )
+
+
+def test_calibration_of_the_wrong_dtype(tmp_path: Path, digits: Digits, signing: Signing) -> None:
+    bad = tmp_path / "bad.npz"
+    np.savez(bad, input=np.zeros((16, 1, 8, 8), np.int64))
+    _fails(_request(tmp_path, digits, signing, calibration=bad), DataError, "expected dtype float32, found int64")
+
+
+def test_calibration_missing_an_input(tmp_path: Path, digits: Digits, signing: Signing) -> None:
+    bad = tmp_path / "bad.npz"
+    np.savez(bad, image=np.zeros((16, 1, 8, 8), np.float32))
+    _fails(_request(tmp_path, digits, signing, calibration=bad), DataError, "lacks input(s) 'input'", "found image")
+
+
+def test_precision_the_target_lacks(tmp_path: Path, digits: Digits, signing: Signing) -> None:
+    _fails(_request(tmp_path, digits, signing, target="jetson-nano", precision="int8"), ConfigError, "fp16, fp32")
+
+
+def test_unknown_target(tmp_path: Path, digits: Digits, signing: Signing) -> None:
+    _fails(_request(tmp_path, digits, signing, target="toaster"), ConfigError, "unknown target 'toaster'", "x86")
+
+
+def test_failed_compile_keeps_an_existing_output(tmp_path: Path, digits: Digits, signing: Signing) -> None:
+    out = tmp_path / "out.epk"
+    out.write_bytes(b"previous bundle")
+    bad = tmp_path / "bad.npz"
+    np.savez(bad, input=np.zeros((4, 2, 8, 8), np.float32))
+    with pytest.raises(DataError):
+        compile_model(_request(tmp_path, digits, signing, calibration=bad))
+    assert out.read_bytes() == b"previous bundle"
