@@ -12,6 +12,7 @@ import logging
 import sys
 
 import typer
+from rich.markup import escape
 
 from edgepack import __version__
 from edgepack.cli import bundle_cmd, keys_cmd, trust_cmd
@@ -46,7 +47,7 @@ def _root(
 keys_cmd.register(app)
 trust_cmd.register(app)
 bundle_cmd.register(app)
-for _optional in ("compile_cmd", "agent_cmd"):
+for _optional in ("compile_cmd", "agent_cmd", "mqtt_cmd"):
     try:
         __import__(f"edgepack.cli.{_optional}", fromlist=["register"]).register(app)
     except ModuleNotFoundError as _exc:  # the module itself may not exist in a slim install
@@ -58,5 +59,5 @@ def main() -> None:
     try:
         app()  # standalone mode: click reports usage errors itself and exits
     except EdgepackError as exc:
-        err_console.print(f"[bold red]error:[/] {exc}", highlight=False)
+        err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False)
         sys.exit(1)

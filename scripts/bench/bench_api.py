@@ -46,8 +46,11 @@ import numpy as np
 log = logging.getLogger("bench_api")
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
+REPO = HERE.parents[1]
+sys.path.insert(0, str(HERE))
+from cnn import resnet_like  # noqa: E402
+
 TINY_IN, TINY_OUT = 16, 8
-HEAVY_SIZE, HEAVY_CHANNELS, HEAVY_BLOCKS = 64, 64, 4
 CONCURRENCY = (1, 4, 16)
 
 
@@ -59,39 +62,15 @@ def tiny_weights() -> tuple[np.ndarray, np.ndarray]:
     return rng.standard_normal((TINY_IN, TINY_OUT)).astype(np.float32), rng.standard_normal(TINY_OUT).astype(np.float32)
 
 
-def heavy_onnx() -> bytes:
-    """A small ResNet-ish CNN (conv+relu blocks, global pool, fc) as ONNX bytes, deterministic."""
-    from onnx import TensorProto, helper, numpy_helper
-
-    rng = np.random.default_rng(0)
-    nodes, inits = [], []
-
-    def conv(name: str, inp: str, cin: int, cout: int) -> str:
-        w = (rng.standard_normal((cout, cin, 3, 3)) * np.sqrt(2 / (cin * 9))).astype(np.float32)
-        inits.extend(
-            [numpy_helper.from_array(w, f"{name}_w"), numpy_helper.from_array(np.zeros(cout, np.float32), f"{name}_b")]
-        )
-        nodes.append(helper.make_node("Conv", [inp, f"{name}_w", f"{name}_b"], [f"{name}_c"], pads=[1, 1, 1, 1]))
-        nodes.append(helper.make_node("Relu", [f"{name}_c"], [name]))
-        return name
-
-    h = conv("stem", "input", 3, HEAVY_CHANNELS)
-    for i in range(HEAVY_BLOCKS):
-        h = conv(f"block{i}", h, HEAVY_CHANNELS, HEAVY_CHANNELS)
-    nodes.append(helper.make_node("GlobalAveragePool", [h], ["gap"]))
-    nodes.append(helper.make_node("Flatten", ["gap"], ["flat"]))
-    inits.append(numpy_helper.from_array(rng.standard_normal((HEAVY_CHANNELS, 10)).astype(np.float32), "fc_w"))
-    nodes.append(helper.make_node("MatMul", ["flat", "fc_w"], ["logits"]))
-    graph = helper.make_graph(
-        nodes,
-        "heavy",
-        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 3, HEAVY_SIZE, HEAVY_SIZE])],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 10])],
-        inits,
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    return model.SerializeToString()
+def heavy_model(path: Path | None) -> Path:
+    """The heavy model: ``path`` when given (e.g. .cache/bench/resnet50.onnx), else a generated ResNet-style CNN."""
+    if path is not None:
+        return path
+    default = REPO / ".cache" / "bench" / "resnet_like_64.onnx"
+    if not default.exists():
+        default.parent.mkdir(parents=True, exist_ok=True)
+        resnet_like(default, image=64, width=64, blocks=4)
+    return default
 
 
 @dataclass
@@ -109,7 +88,7 @@ class BenchModel:
         return self.fn(inputs)
 
 
-def make_models() -> dict[str, BenchModel]:
+def make_models(heavy: Path) -> dict[str, BenchModel]:
     import onnxruntime as ort
 
     from edgepack.manifest import TensorSpec
@@ -118,7 +97,8 @@ def make_models() -> dict[str, BenchModel]:
     options = ort.SessionOptions()
     # no busy-waiting worker threads: on 2 cores they would steal the CPU the HTTP path needs
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    session = ort.InferenceSession(heavy_onnx(), options, providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(str(heavy), options, providers=["CPUExecutionProvider"])
+    heavy_in, heavy_out = session.get_inputs()[0], session.get_outputs()[0]
     return {
         "tiny": BenchModel(
             "tiny",
@@ -132,19 +112,25 @@ def make_models() -> dict[str, BenchModel]:
             "heavy",
             "1.0.0",
             "onnxruntime_onnx",
-            [TensorSpec(name="input", dtype="float32", shape=["batch", 3, HEAVY_SIZE, HEAVY_SIZE])],
-            [TensorSpec(name="logits", dtype="float32", shape=["batch", 10])],
-            lambda i: {"logits": session.run(None, {"input": i["input"]})[0]},
+            [TensorSpec(name=heavy_in.name, dtype="float32", shape=_dims(heavy_in.shape))],
+            [TensorSpec(name=heavy_out.name, dtype="float32", shape=_dims(heavy_out.shape))],
+            lambda i: {heavy_out.name: session.run(None, {heavy_in.name: i[heavy_in.name]})[0]},
         ),
     }
 
 
-def feeds() -> dict[str, tuple[str, np.ndarray, str]]:
-    """model -> (input name, input array, output name)."""
+def _dims(shape: list[Any]) -> list[int | str]:
+    return [d if isinstance(d, int) else str(d or "?") for d in shape]
+
+
+def feeds(models: dict[str, BenchModel], image: int) -> dict[str, tuple[str, np.ndarray, str]]:
+    """model -> (input name, input array, output name); dynamic dims: batch 1, spatial ``image``."""
     rng = np.random.default_rng(1)
+    heavy = models["heavy"]
+    heavy_shape = [d if isinstance(d, int) else (1 if i == 0 else image) for i, d in enumerate(heavy.inputs[0].shape)]
     return {
         "tiny": ("x", rng.standard_normal((1, TINY_IN)).astype(np.float32), "y"),
-        "heavy": ("input", rng.standard_normal((1, 3, HEAVY_SIZE, HEAVY_SIZE)).astype(np.float32), "logits"),
+        "heavy": (heavy.inputs[0].name, rng.standard_normal(heavy_shape).astype(np.float32), heavy.outputs[0].name),
     }
 
 
@@ -307,16 +293,17 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
         proc.wait()
 
 
-def start_edgepack(port: int, workers: int) -> subprocess.Popen[bytes]:
+def start_edgepack(port: int, workers: int, heavy: Path) -> subprocess.Popen[bytes]:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--serve", str(port), "--workers", str(workers)]
+    cmd += ["--heavy-model", str(heavy)]
     return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
-def serve_edgepack(port: int, workers: int) -> None:
+def serve_edgepack(port: int, workers: int, heavy: Path) -> None:
     from edgepack.agent.api import serve
     from edgepack.agent.api.static_repository import StaticRepository
 
-    serve(StaticRepository(make_models().values()), port=port, workers=workers)
+    serve(StaticRepository(make_models(heavy).values()), port=port, workers=workers)
 
 
 MLSERVER_RUNTIME = """
@@ -362,13 +349,13 @@ def start_mlserver(venv: Path, port: int, workdir: Path, parallel_workers: int) 
 # --- the run -------------------------------------------------------------------------------------
 
 
-def run(duration: float, warmup: float, mlserver_venv: Path, workers: int) -> list[Row]:
-    models = make_models()
-    data = feeds()
+def run(duration: float, warmup: float, mlserver_venv: Path, workers: int, heavy: Path, image: int) -> list[Row]:
+    models = make_models(heavy)
+    data = feeds(models, image)
     expected = {m: models[m].infer({data[m][0]: data[m][1]})[data[m][2]] for m in data}
     rows: list[Row] = []
     port = free_port()
-    proc = start_edgepack(port, workers)
+    proc = start_edgepack(port, workers, heavy)
     try:
         wait_ready(f"127.0.0.1:{port}", proc, 60, ["tiny", "heavy"])
         for name in ("tiny", "heavy"):  # raw rows next to the API rows of the same model (an idle server costs nothing)
@@ -505,14 +492,17 @@ def main() -> None:
     parser.add_argument("--warmup", type=float, default=0.5, help="seconds of warm-up per row")
     parser.add_argument("--workers", type=int, default=4, help="edgepack inference threads")
     parser.add_argument("--mlserver-venv", type=Path, default=Path("/work/venvs/mlserver"))
+    parser.add_argument("--heavy-model", type=Path, help="ONNX model for the heavy rows (default: a generated CNN)")
+    parser.add_argument("--heavy-image", type=int, default=224, help="side of the heavy model's image when dynamic")
     parser.add_argument("--serve", type=int, metavar="PORT", help=argparse.SUPPRESS)  # the server subprocess
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.serve:
-        serve_edgepack(args.serve, args.workers)
+        serve_edgepack(args.serve, args.workers, heavy_model(args.heavy_model))
         return
     started = time.monotonic()
-    rows = run(args.duration, args.warmup, args.mlserver_venv, args.workers)
+    heavy = heavy_model(args.heavy_model)
+    rows = run(args.duration, args.warmup, args.mlserver_venv, args.workers, heavy, args.heavy_image)
     meta = {
         "cpus": os.cpu_count(),
         "platform": platform.platform(),
@@ -521,6 +511,8 @@ def main() -> None:
         "warmup_s": args.warmup,
         "edgepack_workers": args.workers,
         "mlserver": mlserver_version(args.mlserver_venv),
+        "heavy_model": heavy.name,
+        "heavy_image": args.heavy_image,
         "wall_s": round(time.monotonic() - started, 1),
     }
     summary = goals(rows)

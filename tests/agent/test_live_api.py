@@ -123,3 +123,39 @@ def test_failed_install_is_counted_and_old_model_keeps_serving(agent, keyring, t
     assert "edgepack_model_rollbacks_total 1.0" in device.metrics.render()[0].decode()
     index = client.get_model_repository_index()
     assert index[0]["version"] == "1.0.0" and "self-test" in index[0]["reason"]
+
+
+def test_sample_model_over_the_api_matches_edgepack_run(agent, keyring, tmp_path, trust):
+    """The committed sample CNN, packed as is, answers real held-out digits over the API as `edgepack run` does."""
+    from tests.conftest import REPO
+
+    device, client = agent
+    bundle = tmp_path / "digits.epk"
+    subprocess.run(
+        [sys.executable, "-m", "edgepack", "bundle", "create", str(REPO / "models" / "digits_cnn.onnx"), "--target", "x86",
+         "--name", "digits-cnn", "--version", "1.0.0", "--key", str(keyring.private("release")), "-o", str(bundle)],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "models" / "digits_data.py"), "--out", str(tmp_path / "data")],
+        check=True,
+    )
+    test = np.load(tmp_path / "data" / "test.npz")
+    images, labels = test["input"][:32], test["labels"][:32]
+    np.savez(tmp_path / "x.npz", input=images)
+    subprocess.run(
+        [sys.executable, "-m", "edgepack", "run", str(bundle), "--trust", str(trust.directory), "--input",
+         str(tmp_path / "x.npz"), "--output", str(tmp_path / "out.npz")],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    expected = np.load(tmp_path / "out.npz")["logits"]
+    device.install(bundle)
+    meta = client.get_model_metadata("digits-cnn")
+    assert meta["inputs"][0]["shape"] == [-1, 1, 8, 8] and meta["outputs"][0]["name"] == "logits"
+    for binary in (True, False):
+        inp = httpclient.InferInput("input", list(images.shape), "FP32")
+        inp.set_data_from_numpy(images, binary_data=binary)
+        out = httpclient.InferRequestedOutput("logits", binary_data=binary)
+        logits = client.infer("digits-cnn", [inp], outputs=[out]).as_numpy("logits")
+        np.testing.assert_allclose(logits, expected, rtol=1e-5, atol=1e-5)
+    assert (expected.argmax(axis=1) == labels).mean() > 0.95
