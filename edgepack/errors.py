@@ -291,3 +291,22 @@ class BrokerConnectionError(ProtocolError):
     """The MQTT broker cannot be reached or refuses the connection."""
 
     code = "broker"
+
+
+# --- converter toolchains and conversion ---------------------------------------------------------
+# Raised by edgepack.compiler.toolchain (managed converter environments, e.g. onnx2tf for TFLite) and
+# the converters that run in them.
+#
+#   EdgepackError
+#   └── ToolchainError              a managed converter toolchain that cannot be installed or run
+#   CompileError
+#   └── ConversionError             a converter failed on a model (not an unsupported op: that is
+#                                   UnsupportedModelError, naming node and op)
+
+
+class ToolchainError(EdgepackError):
+    """A managed converter toolchain cannot be installed, found or run; the message says how to fix it."""
+
+
+class ConversionError(CompileError):
+    """A converter (e.g. onnx2tf) failed on the model; the message names the step and points to its log."""

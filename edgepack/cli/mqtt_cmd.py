@@ -1,0 +1,211 @@
+"""MQTT delivery commands: ``agent run`` (the device daemon), ``deploy`` (the operator) and ``broker``.
+
+``agent run`` joins the ``agent`` group that ``agent_cmd`` registers (found through
+``app.registered_groups``). Heavy imports happen inside the commands.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import uuid
+from datetime import timedelta
+from pathlib import Path
+
+import typer
+from rich.table import Table
+
+from edgepack.cli.console import console, err_console
+from edgepack.errors import ConfigError
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kKmMgG]?)(?:i?[bB])?\s*$")
+
+
+def parse_size(text: str, what: str) -> int:
+    """``262144``, ``256k``, ``256KiB``, ``2M`` → bytes (k = 1024)."""
+    match = _SIZE.match(text)
+    if not match:
+        raise ConfigError(f"{what} {text!r} is not a size like 262144, 256k or 2M")
+    factor = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}[match.group(2).lower()]
+    return int(float(match.group(1)) * factor)
+
+
+def _agent_group(app: typer.Typer) -> typer.Typer:
+    for info in app.registered_groups:
+        if info.name == "agent" and info.typer_instance is not None:
+            return info.typer_instance
+    agent = typer.Typer(help="The device agent.", no_args_is_help=True)
+    app.add_typer(agent, name="agent")
+    return agent
+
+
+def register(app: typer.Typer) -> None:
+    agent = _agent_group(app)
+
+    @agent.command("run")
+    def run_cmd(
+        config: Path | None = typer.Option(None, "--config", exists=True, dir_okay=False, help="agent.toml to read."),
+        device_id: str | None = typer.Option(None, "--device-id", help="This device's id (topic name)."),
+        label: list[str] = typer.Option([], "--label", help="Label KEY=VALUE (groups come from labels); repeatable."),
+        target: list[str] = typer.Option([], "--target", help="Target(s) this device accepts; repeatable."),
+        state: Path | None = typer.Option(None, "--state", help="State directory (bundles, journal, transfers)."),
+        trust: Path | None = typer.Option(None, "--trust", help="Trust store directory."),
+        listen: str | None = typer.Option(
+            None, "--listen", help="Local API address HOST:PORT (default 127.0.0.1:8000)."
+        ),
+        token: str | None = typer.Option(
+            None, "--token", envvar="EDGEPACK_TOKEN", help="Bearer token for the local API."
+        ),
+        threads: int | None = typer.Option(None, "--threads", help="Runtime intra-op threads."),
+        accelerators: bool | None = typer.Option(
+            None, "--accelerators/--no-accelerators", help="Let runtimes use GPUs/NPUs (default: yes)."
+        ),
+        runtime_cache: Path | None = typer.Option(None, "--runtime-cache", help="Runtime cache directory."),
+        max_body_mb: float | None = typer.Option(None, "--max-body-mb", help="Largest local API request body."),
+        disk_quota_mb: float | None = typer.Option(None, "--disk-quota-mb", help="Refuse transfers beyond this."),
+        broker: str | None = typer.Option(None, "--broker", help="mqtt://HOST[:PORT] or mqtts://HOST[:PORT]."),
+        ca: Path | None = typer.Option(None, "--ca", help="CA certificate for mqtts://."),
+        cert: Path | None = typer.Option(None, "--cert", help="Client certificate for mqtts://."),
+        key: Path | None = typer.Option(None, "--key", help="Client certificate's private key."),
+        username: str | None = typer.Option(None, "--username", help="Broker user name."),
+        password: str | None = typer.Option(
+            None, "--password", envvar="EDGEPACK_BROKER_PASSWORD", help="Broker password."
+        ),
+        prefix: str | None = typer.Option(None, "--prefix", help="Topic prefix (default edgepack)."),
+        protocol: str | None = typer.Option(None, "--protocol", help="auto (MQTT 5, else 3.1.1), 3.1.1 or 5."),
+        keepalive: int | None = typer.Option(None, "--keepalive", help="MQTT keepalive in seconds."),
+        max_buffered_events: int | None = typer.Option(
+            None, "--max-buffered-events", help="Events kept while offline."
+        ),
+        max_rate: str | None = typer.Option(None, "--max-rate", help="Cap on chunk intake, bytes/s (e.g. 500k, 2M)."),
+        stall: float = typer.Option(5.0, "--stall", help="Seconds without a chunk before asking for missing ones."),
+        session_expiry: int = typer.Option(3600, "--session-expiry", help="MQTT 5 session expiry in seconds."),
+    ) -> None:
+        """Run the device agent: local API from the store at once; commands and bundles over MQTT."""
+        from edgepack.agent.daemon import DaemonFlags, daemon_config, run
+        from edgepack.agent.link import LinkOptions
+
+        flags = DaemonFlags(
+            device_id=device_id,
+            labels=label,
+            targets=target,
+            state=state,
+            trust=trust,
+            listen=listen,
+            token=token,
+            threads=threads,
+            accelerators=accelerators,
+            runtime_cache=runtime_cache,
+            max_body_mb=max_body_mb,
+            disk_quota_mb=disk_quota_mb,
+            broker=broker,
+            ca=ca,
+            cert=cert,
+            key=key,
+            username=username,
+            password=password,
+            prefix=prefix,
+            protocol=protocol,
+            keepalive=keepalive,
+            max_buffered_events=max_buffered_events,
+        )
+        options = LinkOptions(
+            stall_s=stall,
+            max_rate=parse_size(max_rate, "--max-rate") if max_rate else None,
+            session_expiry_s=session_expiry,
+        )
+        cfg = daemon_config(config, flags)
+        err_console.print(
+            f"device [bold]{cfg.device_id}[/]: local API on http://{cfg.listen}, "
+            f"broker {cfg.broker.url or '(none: offline)'}; Ctrl-C stops"
+        )
+        run(cfg, options)
+
+    @app.command("deploy")
+    def deploy_cmd(
+        bundle: Path = typer.Argument(..., exists=True, dir_okay=False, help="Bundle (.epk) to deploy."),
+        device: str | None = typer.Option(None, "--device", help="Deploy to this device."),
+        group: str | None = typer.Option(None, "--group", help="Deploy to this group (a label: NAME or KEY=VALUE)."),
+        broker: str = typer.Option(..., "--broker", envvar="EDGEPACK_BROKER", help="mqtt://HOST[:PORT] or mqtts://…"),
+        key: list[Path] = typer.Option(..., "--key", help="Key with the trust store's 'command' role; repeatable."),
+        wait: bool = typer.Option(False, "--wait", help="Follow the devices to a result, with progress."),
+        timeout: float = typer.Option(600.0, "--timeout", help="Seconds --wait waits for results."),
+        chunk_size: str = typer.Option("256k", "--chunk-size", help="Chunk size (e.g. 64k, 256k, 1M)."),
+        ttl_hours: float = typer.Option(
+            168.0, "--ttl-hours", help="The command (and the retained bundle) expire after."
+        ),
+        prefix: str = typer.Option("edgepack", "--prefix", help="Topic prefix."),
+        protocol: str = typer.Option("auto", "--protocol", help="auto (MQTT 5, else 3.1.1), 3.1.1 or 5."),
+        ca: Path | None = typer.Option(None, "--ca", help="CA certificate for mqtts://."),
+        cert: Path | None = typer.Option(None, "--cert", help="Client certificate for mqtts://."),
+        tls_key: Path | None = typer.Option(None, "--tls-key", help="Client certificate's private key."),
+        username: str | None = typer.Option(None, "--username", help="Broker user name."),
+        password: str | None = typer.Option(
+            None, "--password", envvar="EDGEPACK_BROKER_PASSWORD", help="Broker password."
+        ),
+        as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+    ) -> None:
+        """Publish a bundle once and a signed install command to a device or a group."""
+        from edgepack.fleet.deploy import DeployObserver, RichProgressObserver, deploy
+        from edgepack.keys import SigningKey
+        from edgepack.mqtt import MqttOptions
+
+        options = MqttOptions(
+            url=broker,
+            client_id=f"edgepack-deploy-{uuid.uuid4().hex[:8]}",
+            protocol=protocol,
+            ca=ca,
+            cert=cert,
+            key=tls_key,
+            username=username,
+            password=password,
+        )
+        observer = RichProgressObserver(err_console) if wait and not as_json else DeployObserver()
+        report = deploy(
+            bundle,
+            options=options,
+            keys=[SigningKey.load(k) for k in key],
+            device=device,
+            group=group,
+            prefix=prefix,
+            wait=wait,
+            timeout=timeout,
+            chunk_size=parse_size(chunk_size, "--chunk-size"),
+            ttl=timedelta(hours=ttl_hours),
+            observer=observer,
+        )
+        if as_json:
+            typer.echo(
+                json.dumps(
+                    {
+                        "command_id": report.command_id,
+                        "bundle": report.bundle,
+                        "to": report.to,
+                        "upload_s": round(report.upload_s, 4),
+                        "devices": {d: vars(p) for d, p in report.devices.items()},
+                    },
+                    indent=2,
+                )
+            )
+        else:
+            console.print(f"sent command {report.command_id} to {report.to} (upload {report.upload_s:.2f} s)")
+            if report.devices:
+                table = Table(title=f"deploy to {report.to}")
+                for column in ("device", "outcome", "version", "reason"):
+                    table.add_column(column)
+                for name, progress in sorted(report.devices.items()):
+                    table.add_row(name, progress.outcome or "-", progress.version or "-", progress.reason or "")
+                console.print(table)
+        if wait and not report.ok:
+            raise typer.Exit(1)
+
+    @app.command("broker")
+    def broker_cmd(
+        host: str = typer.Option("127.0.0.1", "--host", help="Address to bind (0.0.0.0 for the whole network)."),
+        port: int = typer.Option(1883, "--port", help="Port to listen on."),
+    ) -> None:
+        """Run the embedded MQTT 3.1.1 broker (amqtt) in the foreground, for single-site use and demos."""
+        from edgepack.broker import EmbeddedBroker
+
+        err_console.print(f"embedded MQTT broker on mqtt://{host}:{port}; Ctrl-C stops")
+        EmbeddedBroker(host, port).serve_forever()

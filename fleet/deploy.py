@@ -1,0 +1,457 @@
+"""The operator's primitive: publish a bundle once, send a signed command to a device or a group, follow it.
+
+``edgepack deploy BUNDLE (--device ID | --group NAME) --broker URL --key KEY [--wait]`` runs :func:`deploy`:
+
+1. **Publish the bundle once**: the chunk index and every distinct chunk, retained, QoS 1 (MQTT 5: with a
+   message expiry). Devices fetch chunks from the broker's retained store, so the upload is the same
+   whether one device or a thousand will fetch it, and a device that is offline now fetches it later.
+2. **Send the command**, signed with a key holding the trust store's ``command`` role, retained on the
+   device's or the group's command topic: a device that is offline or reconnecting gets it when it comes
+   back, also from a broker that keeps no sessions (the device ignores, by id, a command it already ran).
+3. With ``wait``: **follow** the devices' events to a result per device, while answering ``need`` events
+   (chunks a device could not get from the broker, e.g. after the broker restarted without persistence)
+   and publishing the command again after a reconnect (a restarted broker has lost it). The members of a
+   group are the devices whose retained state lists the group.
+
+The fleet rollout (waves, gates) builds on :class:`Deployer`.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+import uuid
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, DownloadColumn, Progress, TaskID, TextColumn
+
+from edgepack.errors import ConfigError, EdgepackError
+from edgepack.keys import SigningKey
+from edgepack.mqtt import MqttClient, MqttOptions, Received
+from edgepack.protocol import (
+    DEFAULT_CHUNK_SIZE,
+    DEFAULT_COMMAND_TTL,
+    CommandTarget,
+    DeviceState,
+    InstallCommand,
+    NeedEvent,
+    ProgressEvent,
+    RejectedEvent,
+    ResultEvent,
+    SignedCommand,
+    Topics,
+    encode,
+    new_command_fields,
+    parse_event,
+    parse_state,
+    sign_command,
+)
+from edgepack.transfer import ChunkedBundle, chunk_bundle
+
+log = logging.getLogger(__name__)
+
+JSON = "application/json"
+PUBLISH_WINDOW = 64  # chunks in flight before the publisher waits for the oldest acknowledgement
+NEED_COALESCE_S = 2.0  # a chunk published again this recently is not published again for another need
+FINAL = ("committed", "rolled_back", "failed", "superseded", "rejected", "timeout")
+
+
+@dataclass
+class DeviceProgress:
+    """What the operator knows of one device for one command."""
+
+    device: str
+    phase: str = "waiting"
+    held_bytes: int = 0
+    total_bytes: int = 0
+    outcome: str | None = None
+    version: str | None = None
+    code: str | None = None
+    reason: str | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+    transfer: dict[str, int] | None = None
+    online: bool | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.outcome is not None
+
+
+@dataclass
+class DeployReport:
+    command_id: str
+    bundle: str
+    to: str
+    upload_s: float
+    devices: dict[str, DeviceProgress] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return bool(self.devices) and all(d.outcome == "committed" for d in self.devices.values())
+
+
+class DeployObserver:
+    """What :class:`Deployer` tells as it goes; the default tells nothing."""
+
+    def uploaded(self, chunked: ChunkedBundle, seconds: float) -> None:
+        """The bundle is on the broker."""
+
+    def device(self, progress: DeviceProgress) -> None:
+        """A device's progress or result changed."""
+
+    def note(self, message: str) -> None:
+        """Something the operator should know."""
+
+    def close(self) -> None:
+        """The deploy ended."""
+
+
+class RichProgressObserver(DeployObserver):
+    """A rich progress bar per device: phase, bytes held of the bundle, and the outcome."""
+
+    def __init__(self, console: Console | None = None) -> None:
+        self.console = console or Console(stderr=True)
+        self.progress = Progress(
+            TextColumn("[bold]{task.fields[device]}"),
+            TextColumn("{task.fields[phase]:<11}"),
+            BarColumn(),
+            DownloadColumn(),
+            TextColumn("{task.fields[outcome]}"),
+            console=self.console,
+        )
+        self._tasks: dict[str, TaskID] = {}
+        self.progress.start()
+
+    def uploaded(self, chunked: ChunkedBundle, seconds: float) -> None:
+        self.console.print(
+            f"published {chunked.manifest.name} {chunked.manifest.version} ({chunked.index.size / 1e6:.1f} MB, "
+            f"{len(chunked.index.chunks)} chunks) in {seconds:.2f} s"
+        )
+
+    def device(self, progress: DeviceProgress) -> None:
+        task = self._tasks.get(progress.device)
+        total = progress.total_bytes or None
+        if task is None:
+            task = self._tasks[progress.device] = self.progress.add_task(
+                progress.device, total=total, device=progress.device, phase=progress.phase, outcome=""
+            )
+        colour = {"committed": "green", "timeout": "yellow"}.get(progress.outcome or "", "red")
+        outcome = f"[{colour}]{progress.outcome}[/] {progress.reason or ''}" if progress.outcome else ""
+        self.progress.update(
+            task,
+            total=total,
+            completed=progress.total_bytes
+            if progress.phase not in ("waiting", "index", "download")
+            else progress.held_bytes,
+            phase=progress.phase,
+            outcome=outcome,
+        )
+
+    def note(self, message: str) -> None:
+        self.console.print(message)
+
+    def close(self) -> None:
+        self.progress.stop()
+
+
+class Deployer:
+    """One operator connection: publishes bundles and commands, follows devices, answers their needs."""
+
+    def __init__(self, options: MqttOptions, topics: Topics, observer: DeployObserver | None = None) -> None:
+        self.topics = topics
+        self.observer = observer or DeployObserver()
+        self.client = MqttClient(options, on_message=self._on_message, on_connect=self._on_connect)
+        self.states: dict[str, DeviceState] = {}
+        self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)
+        self._bundles: dict[str, ChunkedBundle] = {}
+        self._commands: dict[str, SignedCommand] = {}
+        self._following: dict[str, dict[str, DeviceProgress]] = {}  # command id -> device -> progress
+        self._needs: queue.Queue[NeedEvent | None] = queue.Queue()
+        self._recent: dict[tuple[str, int], float] = {}
+        self._answerer: threading.Thread | None = None
+        self._sync_topic = topics.operator_sync(options.client_id)
+        self._synced: set[str] = set()
+
+    def __enter__(self) -> Deployer:
+        self.connect()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def connect(self, timeout: float = 10.0) -> None:
+        self.client.subscribe([self.topics.all_states, self.topics.all_events, self._sync_topic])
+        self.client.connect(timeout)
+        self._answerer = threading.Thread(target=self._answer_needs, name="edgepack-deploy-needs", daemon=True)
+        self._answerer.start()
+
+    def close(self) -> None:
+        self._needs.put(None)
+        if self._answerer is not None:
+            self._answerer.join(5)
+        self.client.stop()
+
+    # --- publishing ------------------------------------------------------------------------------
+
+    def publish_bundle(self, chunked: ChunkedBundle, *, expiry_s: int | None = None, timeout: float = 300.0) -> float:
+        """Publish the index and every distinct chunk, retained; returns the seconds until all were acknowledged."""
+        self._bundles[chunked.bundle] = chunked
+        started = time.monotonic()
+        window: deque[Any] = deque()
+        window.append(
+            self.client.publish(
+                self.topics.index(chunked.bundle),
+                chunked.index_bytes,
+                retain=True,
+                expiry_s=expiry_s,
+                content_type=JSON,
+            )
+        )
+        for _position, ref, data in chunked.iter_chunks():
+            window.append(self.client.publish(self.topics.chunk(ref.sha256), data, retain=True, expiry_s=expiry_s))
+            if len(window) >= PUBLISH_WINDOW:
+                self.client.wait_published([window.popleft()], timeout)
+        self.client.wait_published(window, timeout)
+        seconds = time.monotonic() - started
+        log.info("published bundle %s… (%d bytes) in %.2f s", chunked.bundle[:12], chunked.index.size, seconds)
+        self.observer.uploaded(chunked, seconds)
+        return seconds
+
+    def send(self, signed: SignedCommand, *, expiry_s: int | None = None, timeout: float = 30.0) -> None:
+        """Publish a signed command, retained, on its device's or group's command topic."""
+        with self._lock:
+            self._commands[signed.command.id] = signed
+            self._following.setdefault(signed.command.id, {})
+        self.client.wait_published([self._publish_command(signed, expiry_s)], timeout)
+
+    def clear_bundle(self, chunked: ChunkedBundle, timeout: float = 60.0) -> None:
+        """Remove the bundle's retained index and chunks from the broker (chunks other bundles share too)."""
+        infos = [self.client.publish(self.topics.index(chunked.bundle), b"", retain=True)]
+        infos += [
+            self.client.publish(self.topics.chunk(r.sha256), b"", retain=True) for _, r, _ in chunked.iter_chunks()
+        ]
+        self.client.wait_published(infos, timeout)
+
+    # --- following -------------------------------------------------------------------------------
+
+    def sync(self, timeout: float = 10.0) -> None:
+        """Wait until the retained messages sent before now (device states) have arrived.
+
+        The broker sends a subscription's retained messages before a message published after it, so a
+        marker sent to ourselves arrives after them.
+        """
+        marker = uuid.uuid4().hex
+        self.client.publish(self._sync_topic, marker.encode())
+        with self._changed:
+            if not self._changed.wait_for(lambda: marker in self._synced, timeout):
+                log.warning(
+                    "the broker did not return a sync marker within %g s; device states may be missing", timeout
+                )
+
+    def members(self, group: str) -> list[str]:
+        """Devices whose retained state says they are in ``group`` (call :meth:`sync` first)."""
+        with self._lock:
+            return sorted(d for d, s in self.states.items() if group in s.groups)
+
+    def wait(self, command_id: str, devices: Iterable[str] | None, timeout: float) -> dict[str, DeviceProgress]:
+        """Follow ``command_id`` until every device in ``devices`` has a result (None: every device that
+        reports on it, ending when all of them have one), or ``timeout``; unfinished ones get ``timeout``."""
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            following = self._following.setdefault(command_id, {})
+            for device in devices or ():
+                following.setdefault(device, DeviceProgress(device, online=self._online(device)))
+            expected = set(devices) if devices is not None else None
+        for progress in list(following.values()):
+            self.observer.device(progress)
+        with self._changed:
+            while True:
+                names = expected if expected is not None else set(following)
+                if names and all(following[d].done for d in names if d in following) and names <= set(following):
+                    break
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                self._changed.wait(min(remaining, 0.5))
+            timed_out = [p for p in following.values() if not p.done]
+            for progress in timed_out:
+                progress.outcome = "timeout"
+                offline = progress.online is False
+                progress.reason = "the device is offline" if offline else f"no result within {timeout:g} s"
+            result = dict(following)
+        for progress in timed_out:
+            self.observer.device(progress)
+        return result
+
+    # --- callbacks (network thread) --------------------------------------------------------------
+
+    def _on_connect(self, session_present: bool) -> None:
+        if self.client.connects <= 1:
+            return
+        with self._lock:
+            commands = list(self._commands.values())
+        for signed in commands:  # a broker that restarted without persistence has lost them
+            self._publish_command(signed, None)
+
+    def _on_message(self, message: Received) -> None:
+        match = self.topics.parse(message.topic)
+        if match is None or not message.payload:
+            return
+        try:
+            if match.kind == "sync":
+                with self._changed:
+                    self._synced.add(message.payload.decode(errors="replace"))
+                    self._changed.notify_all()
+            elif match.kind == "state":
+                state = parse_state(message.payload)
+                with self._lock:
+                    self.states[state.device] = state
+                    for following in self._following.values():
+                        if state.device in following:
+                            following[state.device].online = state.online
+            elif match.kind == "events":
+                self._on_event(parse_event(message.payload))
+        except EdgepackError as exc:
+            log.info("ignoring a malformed message on %s: %s", message.topic, exc)
+
+    def _on_event(self, event: Any) -> None:
+        if isinstance(event, NeedEvent) and event.bundle in self._bundles:
+            self._needs.put(event)
+        with self._changed:
+            following = self._following.get(event.command_id or "")
+            if following is None:
+                return
+            progress = following.setdefault(event.device, DeviceProgress(event.device, online=True))
+            if progress.done:
+                return  # e.g. "replayed" after the command was published again: the result stands
+            if isinstance(event, ProgressEvent):
+                progress.phase = event.phase
+                progress.held_bytes = event.held_bytes or progress.held_bytes
+                progress.total_bytes = event.total_bytes or progress.total_bytes
+            elif isinstance(event, ResultEvent):
+                progress.outcome, progress.version = event.outcome, event.version
+                progress.code, progress.reason, progress.timings = event.code, event.reason, event.timings
+                progress.phase = "done"
+                if event.transfer is not None:
+                    progress.transfer = event.transfer.model_dump()
+            elif isinstance(event, RejectedEvent) and self._is_command_topic(event.topic):
+                # the command itself was refused (a refused chunk or index only delays the transfer)
+                progress.outcome, progress.code, progress.reason = "rejected", event.code, event.reason
+                progress.phase = "done"
+            self._changed.notify_all()
+        self.observer.device(progress)
+
+    # --- internals -------------------------------------------------------------------------------
+
+    def _is_command_topic(self, topic: str) -> bool:
+        match = self.topics.parse(topic)
+        return match is not None and match.kind in ("device_cmd", "group_cmd")
+
+    def _online(self, device: str) -> bool | None:
+        state = self.states.get(device)
+        return state.online if state else None
+
+    def _publish_command(self, signed: SignedCommand, expiry_s: int | None) -> Any:
+        to = signed.command.to
+        topic = self.topics.device_command(to.device) if to.device else self.topics.group_command(to.group or "")
+        if expiry_s is None and signed.command.expires_at is not None:
+            expiry_s = max(1, int((signed.command.expires_at - signed.command.issued_at).total_seconds()))
+        return self.client.publish(topic, encode(signed), retain=True, expiry_s=expiry_s, content_type=JSON)
+
+    def _answer_needs(self) -> None:
+        while (need := self._needs.get()) is not None:
+            try:
+                self._answer(need)
+            except (EdgepackError, OSError) as exc:  # e.g. the bundle file changed: say so, keep answering
+                log.error("cannot answer device %s's need for bundle %s…: %s", need.device, need.bundle[:12], exc)
+
+    def _answer(self, need: NeedEvent) -> None:
+        chunked = self._bundles[need.bundle]
+        now = time.monotonic()
+        if need.index:
+            self.client.publish(self.topics.index(chunked.bundle), chunked.index_bytes, retain=True, content_type=JSON)
+        answered = 0
+        for position in need.chunks:
+            if not 0 <= position < len(chunked.index.chunks):
+                continue
+            key = (chunked.bundle, position)
+            if now - self._recent.get(key, -NEED_COALESCE_S) < NEED_COALESCE_S:
+                continue  # published again a moment ago for another device's need: it is on its way
+            self._recent[key] = now
+            ref = chunked.index.chunks[position]
+            self.client.publish(self.topics.chunk(ref.sha256), chunked.chunk(position), retain=True)
+            answered += 1
+        log.info(
+            "device %s needs %s%d chunk(s) of %s…; published %d again",
+            need.device,
+            "the index and " if need.index else "",
+            len(need.chunks),
+            need.bundle[:12],
+            answered,
+        )
+
+
+def deploy(
+    bundle: Path,
+    *,
+    options: MqttOptions,
+    keys: list[SigningKey],
+    device: str | None = None,
+    group: str | None = None,
+    prefix: str = "edgepack",
+    wait: bool = False,
+    timeout: float = 600.0,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    ttl: timedelta = DEFAULT_COMMAND_TTL,
+    observer: DeployObserver | None = None,
+    connect_timeout: float = 10.0,
+) -> DeployReport:
+    """Publish ``bundle`` and an install command to ``device`` or ``group``; with ``wait``, follow it."""
+    if (device is None) == (group is None):
+        raise ConfigError("deploy to exactly one of --device ID or --group NAME")
+    if not keys:
+        raise ConfigError("deploy needs a key with the trust store's 'command' role (--key KEY)")
+    observer = observer or DeployObserver()
+    to = CommandTarget(device=device, group=group)
+    topics = Topics(prefix)
+    chunked = chunk_bundle(bundle, chunk_size)
+    manifest = chunked.manifest
+    command = InstallCommand(
+        **new_command_fields(to, ttl=ttl),
+        action="install",
+        model=manifest.name,
+        version=manifest.version,
+        target=manifest.target,
+        bundle=chunked.bundle,
+        size=chunked.index.size,
+        sha256=chunked.index.sha256,
+        index_sha256=chunked.index_sha256,
+    )
+    signed = sign_command(command, keys)
+    bundle_expiry = int(ttl.total_seconds()) if ttl else None
+    try:
+        with Deployer(options, topics, observer) as deployer:
+            upload_s = deployer.publish_bundle(chunked, expiry_s=bundle_expiry)
+            deployer.send(signed)
+            report = DeployReport(command.id, chunked.bundle, to.describe(), upload_s)
+            if not wait:
+                return report
+            if group:
+                deployer.sync()
+            expected: list[str] | None = [device] if device else deployer.members(group or "")
+            if group and not expected:
+                observer.note(f"no device has published state as a member of group {group!r} yet; waiting for any")
+                expected = None
+            report.devices = deployer.wait(command.id, expected, timeout)
+            return report
+    finally:
+        observer.close()
