@@ -48,3 +48,18 @@ ensure_mosquitto() {
     echo "mosquitto is not installed and cannot be installed here (no root/apt); MQTT tests will say so" >&2
   fi
 }
+
+# ensure_arm_tools: the ARM proof (tests/arm, scripts/arm-check) wants qemu-user-static and mmdebstrap.
+ensure_arm_tools() {
+  if command -v qemu-aarch64-static >/dev/null 2>&1 && command -v mmdebstrap >/dev/null 2>&1; then return 0; fi
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "installing qemu-user-static and mmdebstrap with apt-get" >&2
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+      qemu-user-static mmdebstrap uidmap >/dev/null
+  elif command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null && command -v apt-get >/dev/null 2>&1; then
+    sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+      qemu-user-static mmdebstrap uidmap >/dev/null
+  else
+    echo "qemu-user-static/mmdebstrap are not installed and cannot be installed here; the ARM tests will say so" >&2
+  fi
+}
