@@ -1,6 +1,6 @@
-"""The compiler's pipeline: ONNX model + data + target -> signed bundle, with accuracy checked on real data.
+"""The compiler's pipeline: model + data + target -> signed bundle, with accuracy checked on real data.
 
-    load and check -> read data -> reference outputs -> optimize -> quantize / convert precision
+    load and check -> read data -> reference outputs -> optimize -> quantize / convert (the family's)
         -> compare against the original -> self-test vectors -> write and sign the bundle
 
 Each step is one module of this package with one job; :func:`compile_model` runs them in order, reports
@@ -9,10 +9,19 @@ prints. Everything is built in a temporary folder and the bundle is written by
 :func:`edgepack.bundle.write_bundle`, which replaces the output file atomically: a failed compile leaves no
 file behind (and an existing file at the output path untouched).
 
-Precision: ``auto`` means the target's default. On an int8-default target the accuracy-aware search keeps
-the nodes that hurt most in float until the bar holds, and falls back to fp16 (where the target has it)
-and then fp32 only when that fails. An explicit ``--precision`` is never silently changed: if it cannot
-meet the bar the compile fails with :class:`~edgepack.errors.AccuracyError` and the numbers.
+The pipeline knows no runtime. The source is an ONNX model (checked, shapes fixed, optimized) or a
+``.tflite`` file (for families that read TFLite); the quantize/convert step and the way a candidate runs on
+this host come from the target's family through :mod:`edgepack.compiler.family` (a ``Converter``: the
+ONNX Runtime one in :mod:`~edgepack.compiler.onnxruntime_convert`, OpenVINO's in
+:mod:`~edgepack.compiler.openvino_convert`). The pipeline hands the converter an ``evaluate`` callback that
+runs a candidate with the shared runtime backend, compares it against the original's outputs and holds it
+to the bar; the outputs of the chosen candidate become its self-test vectors.
+
+Precision: ``auto`` means the target's default. On an int8-default target the converter's accuracy-aware
+search keeps the nodes that hurt most in float until the bar holds, and the pipeline falls back to fp16
+(where the target has it) and then fp32 only when that fails. An explicit ``--precision`` is never
+silently changed: if it cannot meet the bar the compile fails with :class:`~edgepack.errors.AccuracyError`
+and the numbers.
 
 Usage::
 
@@ -40,25 +49,33 @@ import onnx
 import semver
 
 from edgepack import __version__
-from edgepack.compiler.accuracy_aware import Int8Outcome, KeptInFloat, search_int8
+from edgepack.compiler.accuracy_aware import KeptInFloat
 from edgepack.compiler.compare import AccuracyBar, AccuracyReport, compare_outputs
-from edgepack.compiler.load import SourceModel, load_model, tensor_specs
+from edgepack.compiler.family import (
+    CompiledModel,
+    Conversion,
+    Converter,
+    ConvertJob,
+    FloatModel,
+    HostModel,
+    converter_for,
+    run_host_model,
+)
+from edgepack.compiler.load import SourceModel, load_model
+from edgepack.compiler.load_tflite import TfliteSource, is_tflite, load_tflite
 from edgepack.compiler.node_errors import name_nodes
 from edgepack.compiler.optimize import OptimizeResult, optimize
-from edgepack.compiler.precision import to_fp16
 from edgepack.compiler.progress import Progress
-from edgepack.compiler.quantize_ort import Int8Settings, ensure_opset, has_const_matmul_without_conv
-from edgepack.compiler.runner import run_on_host
+from edgepack.compiler.runner import CPU_PLAN
 from edgepack.compiler.selftest_vectors import write_selftest
-from edgepack.compiler.speed import latency_ms
-from edgepack.datasets import Samples, SampleSource, load_samples
+from edgepack.datasets import SampleSource, load_samples
 from edgepack.errors import AccuracyError, ConfigError
 from edgepack.manifest import Manifest, RuntimeRequirement
 from edgepack.targets.registry import Precision, Target, get_target
 
 log = logging.getLogger(__name__)
 
-MODEL_FILE = "model.onnx"
+Source = SourceModel | TfliteSource
 _NAME_CLEAN = re.compile(r"[^A-Za-z0-9._-]+")
 
 
@@ -122,6 +139,7 @@ def compile_model(request: CompileRequest, progress: Progress | None = None) -> 
     """Compile ``request.model`` for ``request.target`` and write the signed bundle to ``request.output``."""
     progress = progress or Progress()
     target = get_target(request.target)
+    converter = converter_for(target)
     requested = request.precision.lower()
     chain = _precision_chain(target, requested)
     _check_version(request.version)
@@ -137,8 +155,13 @@ def compile_model(request: CompileRequest, progress: Progress | None = None) -> 
     with tempfile.TemporaryDirectory(prefix="edgepack-compile-") as tmp_name:
         tmp = Path(tmp_name)
         with _timed(progress, "load and check model", timings) as step:
-            source = load_model(request.model, target, request.input_shapes)
-            step.detail(f"opset {source.opset}, {len(source.proto.graph.node)} nodes")
+            source: Source
+            if is_tflite(Path(request.model)):
+                source = load_tflite(request.model, target, converter.source_formats, request.input_shapes)
+                step.detail(f"TFLite, {len(source.inputs)} input(s)")
+            else:
+                source = load_model(request.model, target, request.input_shapes)
+                step.detail(f"opset {source.opset}, {len(source.proto.graph.node)} nodes")
         with _timed(progress, "read data", timings) as step:
             calibration = load_samples(
                 request.calibration, source.inputs, what="calibration data", limit=request.max_calibration_samples
@@ -151,93 +174,88 @@ def compile_model(request: CompileRequest, progress: Progress | None = None) -> 
                 data_note = f"calibration data ({calibration.origin}; no validation data given)"
             step.detail(f"{len(calibration)} calibration, {len(evaluation)} evaluation samples")
 
-        source_path = tmp / "source.onnx"
-        onnx.save(source.proto, str(source_path))
+        if isinstance(source, TfliteSource):
+            reference_model = source.reference
+        else:
+            source_path = tmp / "source.onnx"
+            onnx.save(source.proto, str(source_path))
+            reference_model = HostModel(source_path, "onnxruntime", CPU_PLAN)
         with _timed(progress, "reference outputs (original model)", timings, total=len(evaluation)) as step:
-            reference = run_on_host(
-                source_path,
+            reference = run_host_model(
+                reference_model,
                 source.inputs,
                 source.outputs,
                 evaluation.feeds,
                 what="original model",
                 on_sample=step.advance,
             )
+        if reference_model.runtime != "onnxruntime":
+            data_note += f"; reference outputs by {reference_model.runtime}"
 
-        with _timed(progress, "optimize graph", timings) as step:
-            optimized = optimize(source.proto, calibration.feeds)
-            fp32_proto = optimized.proto
-            name_nodes(fp32_proto)
-            fp32_path = tmp / "fp32.onnx"
-            onnx.save(fp32_proto, str(fp32_path))
-            step.detail(f"{optimized.tool}: {optimized.nodes_before} -> {optimized.nodes_after} nodes")
+        optimized: OptimizeResult | None = None
+        if isinstance(source, TfliteSource):
+            float_model = FloatModel(source.path, "tflite", source.inputs, source.outputs)
+        else:
+            with _timed(progress, "optimize graph", timings) as step:
+                optimized = optimize(source.proto, calibration.feeds)
+                fp32_proto = optimized.proto
+                name_nodes(fp32_proto)
+                fp32_path = tmp / "fp32.onnx"
+                onnx.save(fp32_proto, str(fp32_path))
+                step.detail(f"{optimized.tool}: {optimized.nodes_before} -> {optimized.nodes_after} nodes")
+            float_model = FloatModel(fp32_path, "onnx", source.inputs, source.outputs, opset=source.opset)
 
         compiled_outputs: dict[Path, list[dict[str, np.ndarray]]] = {}
 
-        def evaluate(path: Path, precision: Precision) -> AccuracyReport:
-            plan = target.family.host_plan(target, precision=precision)
-            outputs = run_on_host(
-                path, source.inputs, source.outputs, evaluation.feeds, what="compiled model", execution=plan
-            )
-            compiled_outputs[path] = outputs
+        def evaluate(model: HostModel) -> AccuracyReport:
+            outputs = run_host_model(model, source.inputs, source.outputs, evaluation.feeds, what="compiled model")
+            compiled_outputs[Path(model.path)] = outputs
             return compare_outputs(
                 reference, outputs, source.outputs, labels=evaluation.labels, bar=bar, data=data_note
             )
 
         attempts: list[dict[str, Any]] = []
-        chosen: tuple[Precision, Path, AccuracyReport] | None = None
-        outcome: Int8Outcome | None = None
+        conversions: list[Conversion] = []
+        chosen: Conversion | None = None
         for precision in chain:
-            if precision == "int8":
-                with _timed(progress, "quantize int8 (accuracy-aware)", timings) as step:
-                    outcome = _int8(target, fp32_path, tmp, calibration, lambda p: evaluate(p, "int8"), step.detail)
-                    kept = len(outcome.nodes_in_float)
-                    step.detail(("passes" if outcome.model else "fails the bar") + f", {kept} node(s) kept in float")
-                attempts.append({"precision": "int8", "passed": outcome.model is not None, "tries": outcome.tries})
-                if outcome.model is not None and outcome.report is not None:
-                    chosen = ("int8", outcome.model, outcome.report)
-                    break
-            elif precision == "fp16":
-                with _timed(progress, "convert to fp16", timings) as step:
-                    fp16_path = tmp / "fp16.onnx"
-                    onnx.save(to_fp16(fp32_proto), str(fp16_path))
-                    report = evaluate(fp16_path, "fp16")
-                    step.detail("passes" if report.passed else "fails the bar")
-                attempts.append({"precision": "fp16", "passed": report.passed, "summary": report.summary()})
-                if report.passed:
-                    chosen = ("fp16", fp16_path, report)
-                    break
-            else:
-                with _timed(progress, "check fp32", timings):
-                    report = evaluate(fp32_path, "fp32")
-                attempts.append({"precision": "fp32", "passed": report.passed, "summary": report.summary()})
-                if report.passed:
-                    chosen = ("fp32", fp32_path, report)
-                    break
-        if chosen is None:
-            raise AccuracyError(_accuracy_message(target, requested, attempts, outcome))
-        precision, compiled_path, report = chosen
+            with _timed(progress, _STEP_NAMES[precision], timings) as step:
+                job = ConvertJob(target, precision, float_model, calibration, evaluate, tmp, step.detail)
+                conversion = converter.convert(job)
+                conversions.append(conversion)
+                verdict = "passes" if conversion.passed else "fails the bar"
+                if precision == "int8":
+                    verdict += f", {len(conversion.nodes_in_float)} node(s) kept in float"
+                step.detail(verdict)
+            attempts.append(_attempt(conversion))
+            if conversion.compiled is not None:
+                chosen = conversion
+                break
+        if chosen is None or chosen.compiled is None or chosen.report is None:
+            raise AccuracyError(_accuracy_message(target, requested, conversions))
+        precision, compiled, report = chosen.precision, chosen.compiled, chosen.report
 
         speed = None
-        if precision == "int8" and not target.options.get("tensorrt"):
+        if chosen.baseline is not None:
             with _timed(progress, "measure speed vs fp32", timings) as step:
-                speed = _speed(fp32_path, compiled_path, evaluation.feeds[0])
+                speed = _speed(converter, chosen.baseline, compiled.host, evaluation.feeds[0])
                 step.detail(f"{speed['speedup_1_thread']:.2f}x faster than fp32 (1 thread, this CPU)")
 
         with _timed(progress, "self-test vectors", timings) as step:
             n = min(request.selftest_samples, len(evaluation))
-            vectors = write_selftest(tmp, evaluation.feeds[:n], compiled_outputs[compiled_path][:n], precision)
+            outputs = compiled_outputs[Path(compiled.host.path)][:n]
+            vectors = write_selftest(tmp, evaluation.feeds[:n], outputs, precision)
             step.detail(f"{n} samples, atol {vectors.selftest.atol:g}")
 
         with _timed(progress, "write and sign bundle", timings) as step:
             manifest = _write(
                 request,
                 target,
+                converter,
                 source,
                 precision,
-                compiled_path,
+                compiled,
                 vectors,
                 report,
-                outcome,
                 speed,
                 keys,
                 attempts,
@@ -253,9 +271,9 @@ def compile_model(request: CompileRequest, progress: Progress | None = None) -> 
         requested_precision=requested,
         accuracy=report,
         quantization=manifest.quantization,
-        kept_in_float=list(outcome.kept_in_float) if outcome and precision == "int8" else [],
+        kept_in_float=list(compiled.kept_in_float),
         speed=speed,
-        optimize=optimized,
+        optimize=optimized or OptimizeResult(onnx.ModelProto(), "none", 0, 0, "TFLite source: not an ONNX graph"),
         fixed_shapes=source.fixed_shapes,
         attempts=attempts,
         timings=timings,
@@ -264,39 +282,30 @@ def compile_model(request: CompileRequest, progress: Progress | None = None) -> 
 
 # --- steps' helpers ------------------------------------------------------------------------------
 
-
-def _int8(
-    target: Target,
-    fp32_path: Path,
-    tmp: Path,
-    calibration: Samples,
-    evaluate: Any,
-    note: Any,
-) -> Int8Outcome:
-    proto = onnx.load(str(fp32_path))
-    ready = ensure_opset(proto)
-    quant_input = fp32_path
-    if ready is not proto:
-        quant_input = tmp / "fp32-opset13.onnx"
-        onnx.save(ready, str(quant_input))
-    settings = Int8Settings.for_target(target)
-    return search_int8(
-        quant_input,
-        tmp,
-        calibration=calibration.feeds,
-        analysis_feeds=calibration.feeds[:16],
-        settings=settings,
-        evaluate=evaluate,
-        try_dynamic=not target.options.get("tensorrt") and has_const_matmul_without_conv(ready),
-        on_try=note,
-    )
+_STEP_NAMES: dict[str, str] = {
+    "int8": "quantize int8 (accuracy-aware)",
+    "fp16": "convert to fp16",
+    "fp32": "check fp32",
+}
 
 
-def _speed(fp32: Path, compiled: Path, feed: Mapping[str, np.ndarray]) -> dict[str, Any]:
-    fp32_ms = latency_ms(fp32, feed, threads=1, budget_s=0.5)
-    int8_ms = latency_ms(compiled, feed, threads=1, budget_s=0.5)
+def _attempt(conversion: Conversion) -> dict[str, Any]:
+    attempt: dict[str, Any] = {"precision": conversion.precision, "passed": conversion.passed}
+    if conversion.precision == "int8":
+        attempt["tries"] = conversion.tries
+    elif conversion.report is not None:
+        attempt["summary"] = conversion.report.summary()
+    return attempt
+
+
+def _speed(
+    converter: Converter, fp32: HostModel, compiled: HostModel, feed: Mapping[str, np.ndarray]
+) -> dict[str, Any]:
+    fp32_ms = converter.latency_ms(fp32, feed, threads=1, budget_s=0.5)
+    int8_ms = converter.latency_ms(compiled, feed, threads=1, budget_s=0.5)
     return {
         "host": "this build host's CPU, 1 thread, batch of one sample",
+        "runtime": converter.runtime,
         "fp32_ms": round(fp32_ms, 4),
         "compiled_ms": round(int8_ms, 4),
         "speedup_1_thread": round(fp32_ms / int8_ms, 3) if int8_ms > 0 else None,
@@ -306,12 +315,12 @@ def _speed(fp32: Path, compiled: Path, feed: Mapping[str, np.ndarray]) -> dict[s
 def _write(
     request: CompileRequest,
     target: Target,
-    source: SourceModel,
+    converter: Converter,
+    source: Source,
     precision: Precision,
-    compiled_path: Path,
+    compiled: CompiledModel,
     vectors: Any,
     report: AccuracyReport,
-    outcome: Int8Outcome | None,
     speed: dict[str, Any] | None,
     keys: list[Any],
     attempts: list[dict[str, Any]],
@@ -319,52 +328,33 @@ def _write(
 ) -> Manifest:
     from edgepack.bundle import BundleFile, write_bundle
 
-    compiled = onnx.load(str(compiled_path), load_external_data=False)
-    opset = next(i.version for i in compiled.opset_import if i.domain in ("", "ai.onnx"))
-    digest = hashlib.sha256(compiled_path.read_bytes()).hexdigest()
+    model_source = next(f.source for f in compiled.files if f.path == compiled.model_file)
+    digest = hashlib.sha256(Path(model_source).read_bytes()).hexdigest()
     quantization: dict[str, Any] | None = None
-    if precision == "int8" and outcome is not None:
-        import onnxruntime
-
-        quantization = {
-            "precision": "int8",
-            "tool": f"onnxruntime {onnxruntime.__version__}",
-            **outcome.settings.to_dict(),
-            "calibration_samples": calibration_count,
-            "nodes_in_float": outcome.nodes_in_float,
-            "kept_in_float": [k.to_dict() for k in outcome.kept_in_float],
-            "speed": speed,
-        }
-    elif precision == "fp16":
-        import onnxruntime
-
-        quantization = {
-            "precision": "fp16",
-            "tool": f"onnxruntime.transformers.float16 {onnxruntime.__version__}",
-            "keep_io_types": True,
-        }
+    if compiled.quantization is not None:
+        quantization = dict(compiled.quantization)
+        if precision == "int8":
+            quantization["calibration_samples"] = calibration_count
+            quantization["speed"] = speed
     accuracy = {**report.to_dict(), "precision": precision, "attempts": _compact(attempts)}
     return write_bundle(
         Path(request.output),
-        files=[
-            BundleFile(MODEL_FILE, compiled_path, "model"),
-            BundleFile(vectors.selftest.vectors, vectors.path, "selftest"),
-        ],
+        files=[*compiled.files, BundleFile(vectors.selftest.vectors, vectors.path, "selftest")],
         signers=keys,
         name=_bundle_name(request, source),
         version=request.version,
         target=target.name,
-        runtime=RuntimeRequirement(name=target.runtime, version=target.family.runtime_version(target, opset=opset)),  # type: ignore[arg-type]
-        model_file=MODEL_FILE,
-        inputs=tensor_specs(compiled, "input"),
-        outputs=tensor_specs(compiled, "output"),
+        runtime=RuntimeRequirement(name=converter.runtime, version=compiled.runtime_version),  # type: ignore[arg-type]
+        model_file=compiled.model_file,
+        inputs=compiled.inputs,
+        outputs=compiled.outputs,
         metadata=_metadata(source),
         execution=target.family.execution_plan(target, precision=precision, model_sha256=digest),
         quantization=quantization,
         accuracy=accuracy,
         selftest=vectors.selftest,
         source_sha256=source.sha256,
-        toolchain=_toolchain(),
+        toolchain=_toolchain(converter),
         expires_at=request.expires_at,
     )
 
@@ -394,7 +384,7 @@ def _load_keys(keys: Sequence[Any]) -> list[Any]:
     return [k if isinstance(k, SigningKey) else SigningKey.load(Path(k)) for k in keys]
 
 
-def _bundle_name(request: CompileRequest, source: SourceModel) -> str:
+def _bundle_name(request: CompileRequest, source: Source) -> str:
     if request.name:
         return request.name
     raw = source.metadata.get("name") or Path(request.model).stem
@@ -402,7 +392,7 @@ def _bundle_name(request: CompileRequest, source: SourceModel) -> str:
     return cleaned[:128]
 
 
-def _metadata(source: SourceModel) -> dict[str, Any]:
+def _metadata(source: Source) -> dict[str, Any]:
     meta: dict[str, Any] = {}
     for key, value in source.metadata.items():
         try:
@@ -414,21 +404,20 @@ def _metadata(source: SourceModel) -> dict[str, Any]:
     meta["source_file"] = source.path.name
     if source.fixed_shapes:
         meta["fixed_shapes"] = source.fixed_shapes
-    if source.proto.doc_string:
+    if isinstance(source, SourceModel) and source.proto.doc_string:
         meta.setdefault("description", source.proto.doc_string)
     return meta
 
 
-def _toolchain() -> dict[str, str]:
-    import onnxruntime
+def _toolchain(converter: Converter) -> dict[str, str]:
     import onnxslim
 
     return {
         "edgepack": __version__,
         "onnx": onnx.__version__,
-        "onnxruntime": onnxruntime.__version__,
         "onnxslim": onnxslim.__version__,
         "numpy": np.__version__,
+        **converter.toolchain(),
     }
 
 
@@ -439,17 +428,15 @@ def _compact(attempts: list[dict[str, Any]]) -> list[dict[str, Any]]:
     ]
 
 
-def _accuracy_message(
-    target: Target, requested: str, attempts: list[dict[str, Any]], outcome: Int8Outcome | None
-) -> str:
+def _accuracy_message(target: Target, requested: str, conversions: list[Conversion]) -> str:
     lines = [f"no precision of target {target.name!r} met the accuracy bar (requested {requested}):"]
-    for attempt in attempts:
-        if attempt["precision"] == "int8" and outcome is not None and outcome.report is not None:
-            lines.append(
-                f"  int8 ({len(outcome.nodes_in_float)} nodes kept in float): {'; '.join(outcome.report.failures)}"
-            )
+    for conversion in conversions:
+        report = conversion.report
+        if conversion.precision == "int8" and report is not None:
+            kept = len(conversion.nodes_in_float)
+            lines.append(f"  int8 ({kept} nodes kept in float): {'; '.join(report.failures)}")
         else:
-            lines.append(f"  {attempt['precision']}: {attempt.get('summary', '')}")
+            lines.append(f"  {conversion.precision}: {report.summary() if report is not None else ''}")
     lines.append("loosen the bar with --max-accuracy-drop, or give validation data that matches the task")
     return "\n".join(lines)
 

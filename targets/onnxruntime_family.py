@@ -47,6 +47,7 @@ class OnnxRuntimeFamily:
     """Op support, runtime versions and execution plans for onnxruntime targets."""
 
     name: str = "onnxruntime"
+    converter: str = "edgepack.compiler.onnxruntime_convert:CONVERTER"
 
     def unsupported_nodes(self, target: Target, model: Any) -> list[UnsupportedNode]:
         import onnx

@@ -33,8 +33,8 @@ PRECISIONS: tuple[Precision, ...] = ("fp32", "fp16", "int8")
 # Family modules, imported on first use; each calls register() for its targets.
 FAMILY_MODULES: tuple[str, ...] = (
     "edgepack.targets.onnxruntime_family",
-    # "edgepack.targets.openvino_family",   (a later issue)
-    # "edgepack.targets.litert_family",     (a later issue)
+    "edgepack.targets.openvino_family",
+    "edgepack.targets.litert_family",
 )
 
 
@@ -52,6 +52,9 @@ class TargetFamily(Protocol):
     """What a runtime family knows about its targets; implemented once per family module."""
 
     name: str
+    # The compiler side, "module:attribute" of an edgepack.compiler.family.Converter (a string, so that this
+    # package imports nothing of the compiler).
+    converter: str
 
     def unsupported_nodes(self, target: Target, model: Any) -> list[UnsupportedNode]:
         """Nodes of ``model`` (an onnx.ModelProto) that ``target``'s runtime cannot run."""

@@ -55,6 +55,14 @@ class OpenVinoBackend(RuntimeBackend):
     extra = "agent-openvino"
     module = "openvino"
 
+    @classmethod
+    def installed_version(cls) -> str | None:
+        """The release, e.g. "2026.4.1": ``openvino.__version__`` carries a build suffix
+        ("2026.4.1-22982-e213a147257-releases/2026/4") that is not a PEP 440 version, so a bundle's
+        runtime range (">=2024.4") would never admit it."""
+        version = super().installed_version()
+        return version.split("-", 1)[0] if version is not None else None
+
     def load(
         self,
         model_path: Path,

@@ -73,7 +73,7 @@ def test_auto_keeps_the_outlier_nodes_in_float_and_passes(
 def test_explicit_int8_that_cannot_pass_fails_with_the_numbers(
     digits: Digits, signing: Signing, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from edgepack.compiler import pipeline
+    from edgepack.compiler import onnxruntime_convert, pipeline
     from edgepack.compiler.accuracy_aware import Int8Outcome
 
     def hopeless(fp32_model: Path, workdir: Path, *, evaluate, settings, **_: object) -> Int8Outcome:
@@ -81,7 +81,7 @@ def test_explicit_int8_that_cannot_pass_fails_with_the_numbers(
         report.failures = ["logits: top-1 agreement 42.00% < 99.00%"]
         return Int8Outcome(None, settings, report, [], [{"step": 0, "passed": False}])
 
-    monkeypatch.setattr(pipeline, "search_int8", hopeless)
+    monkeypatch.setattr(onnxruntime_convert, "search_int8", hopeless)
     request = pipeline.CompileRequest(
         model=SAMPLE_MODEL,
         target="x86",

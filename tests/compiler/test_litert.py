@@ -1,0 +1,313 @@
+"""The LiteRT family end to end: ONNX → onnx2tf (managed toolchain) → ai-edge-quantizer int8 → bundle → agent.
+
+The sample digits CNN compiled for ``rpi4``: the bundle verifies, its self-test passes under LiteRT on this
+host, int8 keeps top-1 on held-out digits within a point of fp32, and the agent serves it to tritonclient in
+the model's original NCHW layout. Beside it: names and output order mapped back from onnx2tf, channel-first
+outputs, no network during conversion, an op onnx2tf cannot convert named with its node, and a ``.tflite``
+source compiled. The toolchain is the cached one (see ``litert_fixtures``), never rebuilt here.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from edgepack.bundle import extract_bundle, verify_bundle
+from edgepack.compiler.load import tensor_specs
+from edgepack.compiler.pipeline import CompileRequest, compile_model
+from edgepack.compiler.tflite_convert import SAMPLE_IMAGE_FILE, convert_onnx
+from edgepack.compiler.tflite_graph import describe
+from edgepack.compiler.toolchain import Toolchain
+from edgepack.errors import UnsupportedModelError
+from edgepack.runtimes.base import RuntimeOptions, get_backend
+from edgepack.selftest import run_selftest
+from tests.runtimes.conftest import build_fc_tflite, build_int8_fc_tflite
+
+from .conftest import SAMPLE_MODEL, Compile, Digits, Signing, top1
+from .litert_fixtures import tflite_toolchain  # noqa: F401  (session fixture)
+
+pytest.importorskip("ai_edge_litert")
+pytest.importorskip("ai_edge_quantizer")
+
+
+def _litert(path: Path, manifest_or_specs, threads: int = 1):
+    inputs, outputs = (
+        (manifest_or_specs.inputs, manifest_or_specs.outputs)
+        if hasattr(manifest_or_specs, "inputs")
+        else manifest_or_specs
+    )
+    return get_backend("litert").load(path, inputs=inputs, outputs=outputs, options=RuntimeOptions(threads=threads))
+
+
+@pytest.fixture(scope="module")
+def rpi4(compile_sample: Compile, tflite_toolchain: Toolchain):  # noqa: F811
+    return compile_sample("rpi4")
+
+
+# --- the sample model on rpi4 ----------------------------------------------------------------------
+
+
+def test_rpi4_bundle_verifies_and_selftest_passes_under_litert(rpi4, signing: Signing, tmp_path: Path) -> None:
+    assert rpi4.precision == "int8" and rpi4.accuracy.passed
+    manifest = verify_bundle(rpi4.output, signing.trust)
+    assert manifest.target == "rpi4" and manifest.runtime.name == "litert" and manifest.model_file == "model.tflite"
+    assert manifest.runtime.admits("2.3.0")
+    # names, order and layout are the source model's; the device model is NHWC
+    (spec_in,) = manifest.inputs
+    assert (spec_in.name, spec_in.shape, spec_in.layout, spec_in.native_layout) == (
+        "input",
+        [1, 1, 8, 8],
+        "NCHW",
+        "NHWC",
+    )
+    assert [o.name for o in manifest.outputs] == ["logits"] and manifest.outputs[0].dtype == "float32"
+    # full-integer int8 by ai-edge-quantizer; onnx2tf's log travels with the bundle
+    q = manifest.quantization
+    assert q["tool"].startswith("ai-edge-quantizer") and q["full_integer"] is True and q["ops_float"] == {}
+    assert q["conversion"]["converter"].startswith("onnx2tf 1.29")
+    assert manifest.file("logs/onnx2tf.log").role == "log"
+    assert manifest.toolchain["tflite-toolchain/onnx2tf"] == "1.29.24"
+    assert manifest.execution["delegate"] == "xnnpack"
+
+    bundle_dir = tmp_path / "bundle"
+    extract_bundle(rpi4.output, bundle_dir, signing.trust)
+    info = describe(bundle_dir / "model.tflite")
+    assert [t.dtype for t in [*info.inputs, *info.outputs]] == ["int8", "int8"]
+    assert info.inputs[0].shape == (1, 8, 8, 1) and info.inputs[0].key == "input"
+    model = _litert(bundle_dir / manifest.model_file, manifest)
+    try:
+        report = run_selftest(
+            model, bundle_dir / manifest.selftest.vectors, manifest.selftest.atol, manifest.selftest.rtol
+        )
+    finally:
+        model.close()
+    assert report.passed
+
+
+def test_int8_top1_on_held_out_digits_within_one_point_of_fp32(
+    rpi4, digits: Digits, signing: Signing, tmp_path: Path
+) -> None:
+    test = np.load(digits.test)
+    x, labels = test["input"], test["labels"]
+    fp32_acc = float(np.mean(top1(SAMPLE_MODEL, x) == labels)) * 100
+    bundle_dir = tmp_path / "bundle"
+    manifest = extract_bundle(rpi4.output, bundle_dir, signing.trust)
+    model = _litert(bundle_dir / manifest.model_file, manifest)
+    try:
+        predicted = np.array([model.infer({"input": x[i : i + 1]})["logits"].argmax() for i in range(len(x))])
+    finally:
+        model.close()
+    int8_acc = float(np.mean(predicted == labels)) * 100
+    print(f"\n[rpi4] held-out digits ({len(x)}): fp32 {fp32_acc:.2f}%  int8 LiteRT {int8_acc:.2f}%")
+    assert int8_acc >= fp32_acc - 1.0
+
+
+def test_agent_serves_it_to_tritonclient_in_nchw(rpi4, signing: Signing, digits: Digits, tmp_path: Path) -> None:
+    import tritonclient.http as httpclient
+
+    from edgepack.agent.config import load_config
+    from edgepack.agent.service import DeviceAgent
+
+    config = load_config(
+        None,
+        {
+            "state_dir": str(tmp_path / "state"),
+            "trust_dir": str(signing.trust.directory),
+            "targets": ["rpi4"],
+            "listen": "127.0.0.1:0",
+        },
+    )
+    device = DeviceAgent(config)
+    device.boot()
+    try:
+        device.install(rpi4.output)
+        client = httpclient.InferenceServerClient(device.start_api().url)
+        meta = client.get_model_metadata("digits-cnn")
+        assert meta["inputs"] == [{"name": "input", "datatype": "FP32", "shape": [1, 1, 8, 8]}]
+        assert [o["name"] for o in meta["outputs"]] == ["logits"]
+        test = np.load(digits.test)
+        hits = 0
+        for i in range(20):
+            x = np.ascontiguousarray(test["input"][i : i + 1])  # NCHW, as for the x86 bundle
+            inp = httpclient.InferInput("input", [1, 1, 8, 8], "FP32")
+            inp.set_data_from_numpy(x, binary_data=True)
+            result = client.infer("digits-cnn", [inp], outputs=[httpclient.InferRequestedOutput("logits")])
+            logits = result.as_numpy("logits")
+            assert logits.shape == (1, 10) and logits.dtype == np.float32
+            hits += int(logits.argmax() == test["labels"][i])
+        assert hits >= 19
+    finally:
+        device.close()
+
+
+# --- conversion: names, order, layouts, offline, errors ---------------------------------------------
+
+
+def _two_output_model(path: Path) -> Path:
+    """input "input:0" [1,3,8,8] -> Conv -> Relu = "features:0" [1,4,8,8] (NCHW) and -> Gemm = "scores"
+    [1,5]; graph outputs listed scores first. A 3-channel image input: onnx2tf would download sample images."""
+    rng = np.random.default_rng(7)
+    inits = [
+        numpy_helper.from_array(rng.normal(0, 0.4, (4, 3, 3, 3)).astype(np.float32), "w"),
+        numpy_helper.from_array(rng.normal(0, 0.1, 4).astype(np.float32), "b"),
+        numpy_helper.from_array(rng.normal(0, 0.1, (5, 256)).astype(np.float32), "fc_w"),
+        numpy_helper.from_array(rng.normal(0, 0.1, 5).astype(np.float32), "fc_b"),
+    ]
+    nodes = [
+        helper.make_node("Conv", ["input:0", "w", "b"], ["conv"], pads=[1, 1, 1, 1], name="conv"),
+        helper.make_node("Relu", ["conv"], ["features:0"], name="relu"),
+        helper.make_node("Flatten", ["features:0"], ["flat"], axis=1, name="flatten"),
+        helper.make_node("Gemm", ["flat", "fc_w", "fc_b"], ["scores"], transB=1, name="fc"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "two_outputs",
+        [helper.make_tensor_value_info("input:0", TensorProto.FLOAT, [1, 3, 8, 8])],
+        [
+            helper.make_tensor_value_info("scores", TensorProto.FLOAT, [1, 5]),
+            helper.make_tensor_value_info("features:0", TensorProto.FLOAT, [1, 4, 8, 8]),
+        ],
+        initializer=inits,
+    )
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    return path
+
+
+def test_names_order_and_layouts_are_the_source_models(tflite_toolchain: Toolchain, tmp_path: Path) -> None:  # noqa: F811
+    import onnxruntime as ort
+
+    path = _two_output_model(tmp_path / "two.onnx")
+    proto = onnx.load(str(path))
+    rng = np.random.default_rng(0)
+    samples = [{"input:0": rng.random((1, 3, 8, 8), dtype=np.float32)} for _ in range(4)]
+    converted = convert_onnx(
+        path, tmp_path / "work", inputs=tensor_specs(proto, "input"), outputs=tensor_specs(proto, "output"),
+        samples=samples, toolchain=tflite_toolchain,
+    )  # fmt: skip
+    assert [(s.name, s.layout, s.native_layout) for s in converted.inputs] == [("input:0", "NCHW", "NHWC")]
+    assert [(s.name, s.layout, s.native_layout) for s in converted.outputs] == [
+        ("scores", None, None),
+        ("features:0", "NCHW", "NHWC"),
+    ]
+    info = describe(converted.path)
+    assert [t.key for t in info.inputs] == ["input:0"] and [t.name for t in info.inputs] == ["input:0"]
+    assert [t.key for t in info.outputs] == ["scores", "features:0"]
+    assert info.outputs[1].shape == (1, 8, 8, 4)  # channel-last on the device
+    # offline: onnx2tf read edgepack's sample-image file (the user's samples) instead of downloading one
+    written = np.load(tmp_path / "work" / "onnx2tf" / SAMPLE_IMAGE_FILE)
+    assert written.shape == (4, 8, 8, 3)
+    assert "127.0.0.1:9" not in converted.log_path.read_text()  # nothing even tried the (blocked) network
+
+    session = ort.InferenceSession(str(path))
+    model = _litert(converted.path, (converted.inputs, converted.outputs))
+    try:
+        for feed in samples:
+            expected = dict(zip(["scores", "features:0"], session.run(["scores", "features:0"], feed), strict=True))
+            got = model.infer(feed)
+            assert list(got) == ["scores", "features:0"]
+            for name, value in expected.items():
+                np.testing.assert_allclose(got[name], value, rtol=1e-4, atol=1e-4)
+    finally:
+        model.close()
+
+
+def test_an_op_onnx2tf_cannot_convert_is_named_with_its_node(tflite_toolchain: Toolchain, tmp_path: Path) -> None:  # noqa: F811
+    proto = onnx.load(str(SAMPLE_MODEL))
+    graph = proto.graph
+    relu = next(n for n in graph.node if n.op_type == "Relu")
+    out = relu.output[0]
+    graph.initializer.append(numpy_helper.from_array(np.zeros(1, np.float16), "like_fp16"))
+    for node in graph.node:
+        node.input[:] = [f"{out}_f" if (i == out and node is not relu) else i for i in node.input]
+    at = list(graph.node).index(relu) + 1
+    graph.node.insert(at, helper.make_node("Cast", [f"{out}_h"], [f"{out}_f"], to=TensorProto.FLOAT, name="half/back"))
+    graph.node.insert(at, helper.make_node("CastLike", [out, "like_fp16"], [f"{out}_h"], name="half/CastLike"))
+    path = tmp_path / "castlike.onnx"
+    onnx.save(proto, str(path))
+    with pytest.raises(UnsupportedModelError, match=r"node 'half/CastLike' \(op CastLike\)") as err:
+        convert_onnx(
+            path, tmp_path / "work", inputs=tensor_specs(proto, "input"), outputs=tensor_specs(proto, "output"),
+            toolchain=tflite_toolchain,
+        )  # fmt: skip
+    kept_log = Path(str(err.value).rsplit("log: ", 1)[1])
+    assert kept_log.is_file() and "CastLike" in kept_log.read_text()  # kept after the temporary folder goes
+
+
+def test_a_custom_domain_op_is_refused_at_load_naming_node_and_op(
+    digits: Digits, signing: Signing, tmp_path: Path
+) -> None:
+    proto = onnx.load(str(SAMPLE_MODEL))
+    relu = next(n for n in proto.graph.node if n.op_type == "Relu")
+    relu.op_type, relu.domain = "FastGelu", "com.microsoft"
+    proto.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    path = tmp_path / "custom.onnx"
+    onnx.save(proto, str(path))
+    request = CompileRequest(
+        model=path, target="rpi4", calibration=digits.calibration, keys=[signing.key_file], output=tmp_path / "x.epk"
+    )
+    with pytest.raises(UnsupportedModelError, match=rf"node '{relu.name}' \(op com.microsoft::FastGelu\)"):
+        compile_model(request)
+    assert not (tmp_path / "x.epk").exists()
+
+
+# --- a .tflite source ------------------------------------------------------------------------------
+
+
+def test_a_tflite_model_compiles_to_int8_for_rpi5(signing: Signing, tmp_path: Path) -> None:
+    source = build_fc_tflite(tmp_path / "fc.tflite").path
+    rng = np.random.default_rng(3)
+    np.savez(tmp_path / "calib.npz", x=rng.normal(0, 1, (200, 8)).astype(np.float32))
+    result = compile_model(
+        CompileRequest(
+            model=source, target="rpi5", calibration=tmp_path / "calib.npz", keys=[signing.key_file],
+            output=tmp_path / "fc.epk", max_accuracy_drop=2.0,
+        )
+    )  # fmt: skip
+    assert result.precision == "int8" and result.accuracy.passed
+    manifest = verify_bundle(result.output, signing.trust)
+    assert manifest.runtime.name == "litert" and [s.name for s in manifest.inputs] == ["x"]
+    assert [s.name for s in manifest.outputs] == ["y"] and manifest.quantization["full_integer"] is True
+    bundle_dir = tmp_path / "bundle"
+    extract_bundle(result.output, bundle_dir, signing.trust)
+    assert describe(bundle_dir / "model.tflite").inputs[0].dtype == "int8"
+    model = _litert(bundle_dir / manifest.model_file, manifest)
+    try:
+        assert run_selftest(model, bundle_dir / "selftest.npz", manifest.selftest.atol, manifest.selftest.rtol).passed
+    finally:
+        model.close()
+
+
+def test_an_int8_tflite_model_is_packaged_as_given(signing: Signing, tmp_path: Path) -> None:
+    source = build_int8_fc_tflite(tmp_path / "fc_int8.tflite").path
+    np.savez(tmp_path / "calib.npz", x=np.random.default_rng(4).integers(-100, 100, (32, 8)).astype(np.int8))
+    result = compile_model(
+        CompileRequest(
+            model=source, target="arm64", calibration=tmp_path / "calib.npz", keys=[signing.key_file],
+            output=tmp_path / "q.epk",
+        )
+    )  # fmt: skip
+    assert result.precision == "int8" and result.manifest.quantization["tool"] == "quantized before compiling"
+
+
+def test_accuracy_aware_int8_keeps_the_outlier_ops_in_float(digits: Digits, signing: Signing, tmp_path: Path) -> None:
+    """One hidden channel x1000 (float outputs unchanged): per-tensor int8 of that activation crushes the
+    other channels and plain int8 loses the classifier; the search keeps its producer and consumer float."""
+    from .conftest import outlier_model
+
+    result = compile_model(
+        CompileRequest(
+            model=outlier_model(tmp_path / "outlier.onnx"), target="rpi4", calibration=digits.calibration,
+            validation=digits.validation, keys=[signing.key_file], output=tmp_path / "outlier.epk",
+        )
+    )  # fmt: skip
+    assert result.precision == "int8" and result.accuracy.passed
+    tries = result.attempts[0]["tries"]
+    assert tries[0]["passed"] is False and tries[-1]["passed"] is True
+    assert result.kept_in_float and all(k.reason for k in result.kept_in_float)
+    q = result.manifest.quantization
+    assert q["full_integer"] is False and q["ops_float"].get("FULLY_CONNECTED", 0) >= 1
+    assert len(q["nodes_in_float"]) == len(result.kept_in_float[0].nodes) >= 2  # producer and consumer
