@@ -54,7 +54,9 @@ def make_bundle(tmp_path: Path, keyring: KeyRing) -> BundleFactory:
     """Build a small signed bundle with two payload files; keyword arguments override manifest fields."""
     counter = iter(range(10_000))
 
-    def factory(*, signers: tuple[str, ...] = ("release",), payload: bytes = b"onnx-bytes" * 300, **fields) -> tuple[Path, Manifest]:
+    def factory(
+        *, signers: tuple[str, ...] = ("release",), payload: bytes = b"onnx-bytes" * 300, **fields
+    ) -> tuple[Path, Manifest]:
         n = next(counter)
         src = tmp_path / f"src{n}"
         src.mkdir()

@@ -61,7 +61,10 @@ def linear_bundle(
     out = workdir / f"{name}-{version}-{scale}.epk"
     manifest = write_bundle(
         out,
-        files=[BundleFile("model.onnx", src / "model.onnx", "model"), BundleFile("selftest.npz", src / "selftest.npz", "selftest")],
+        files=[
+            BundleFile("model.onnx", src / "model.onnx", "model"),
+            BundleFile("selftest.npz", src / "selftest.npz", "selftest"),
+        ],
         signers=[key],
         name=name,
         version=version,

@@ -24,7 +24,10 @@ def test_round_trip_create_sign_verify_inspect(make_bundle, trust, keyring, tmp_
     assert info.manifest == manifest
     assert [s.keyid for s in info.signatures] == [keyring.keys["release"].key_id]
     add_signature(path, keyring.keys["second"])
-    assert {s.keyid for s in read_info(path).signatures} == {keyring.keys["release"].key_id, keyring.keys["second"].key_id}
+    assert {s.keyid for s in read_info(path).signatures} == {
+        keyring.keys["release"].key_id,
+        keyring.keys["second"].key_id,
+    }
     assert verify_bundle(path, trust) == manifest
     extracted = tmp_path / "extracted"
     extract_bundle(path, extracted, trust)

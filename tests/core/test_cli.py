@@ -53,7 +53,17 @@ def test_cli_round_trip(tmp_path):
     assert refused.returncode == 1 and "already exists" in refused.stderr
 
     trust = tmp_path / "trust"
-    edgepack("trust", "init", str(trust), "--key", str(keys / "release.pub"), "--key", str(keys / "ops.pub"), "--threshold", "2")
+    edgepack(
+        "trust",
+        "init",
+        str(trust),
+        "--key",
+        str(keys / "release.pub"),
+        "--key",
+        str(keys / "ops.pub"),
+        "--threshold",
+        "2",
+    )
 
     tiny_onnx(tmp_path / "tiny.onnx")
     bundle = tmp_path / "tiny.epk"
@@ -69,7 +79,9 @@ def test_cli_round_trip(tmp_path):
 
     doc = json.loads(edgepack("inspect", str(bundle), "--json").stdout)
     manifest = doc["manifest"]
-    assert manifest["inputs"] == [{"name": "x", "dtype": "float32", "shape": ["batch", 4], "layout": None, "native_layout": None}]
+    assert manifest["inputs"] == [
+        {"name": "x", "dtype": "float32", "shape": ["batch", 4], "layout": None, "native_layout": None}
+    ]
     assert manifest["outputs"][0]["name"] == "y"
     assert manifest["metadata"] == {"labels": ["a", "b"]}
     assert manifest["runtime"]["name"] == "onnxruntime"

@@ -154,7 +154,12 @@ def test_tensorrt_cache_paths_are_keyed_by_this_device(tmp_path, monkeypatch):
 
     monkeypatch.setattr(backend, "_tensorrt_version", lambda: "10.3.0")
     monkeypatch.setattr(backend, "_gpu_name", lambda: "NVIDIA H100 80GB HBM3")
-    plan = [{"name": "TensorrtExecutionProvider", "options": {"trt_engine_cache_path": "tensorrt/engines/abc/{trt_version}/{gpu}"}}]
+    plan = [
+        {
+            "name": "TensorrtExecutionProvider",
+            "options": {"trt_engine_cache_path": "tensorrt/engines/abc/{trt_version}/{gpu}"},
+        }
+    ]
     (name, options), _cpu = backend.select_providers(
         plan, ["TensorrtExecutionProvider", "CPUExecutionProvider"], RuntimeOptions(cache_dir=tmp_path)
     )
