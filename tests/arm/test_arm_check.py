@@ -43,8 +43,7 @@ def test_int8_conv_bundle_passes_on_both_emulated_cpus(arm_run: ArmRun) -> None:
 
 
 def test_sample_model_rpi4_int8_bundle_passes_on_both_emulated_cpus(arm_run: ArmRun, rpi4_bundle: Rpi4Bundle) -> None:
-    if rpi4_bundle.path is None:
-        pytest.skip(rpi4_bundle.reason)
+    assert rpi4_bundle.path is not None
     _assert_passes(arm_run, "digits-rpi4")
 
 
