@@ -143,21 +143,30 @@ def _static_search(
         if not adaptive or step == max_steps:
             break
         findings = analyse(fp32_model, candidate, analysis_feeds)
-        batch = 1 if step < 4 else 2 ** (step - 3)
-        added = 0
-        for finding in findings:
-            new = tuple(n for n in finding.nodes if n not in excluded)
-            if not new:
-                continue
-            excluded.extend(new)
-            kept.append(KeptInFloat(new, finding.reason(), step + 1))
-            added += 1
-            if added >= batch:
-                break
-        if not added:
+        if not keep_worst_in_float(findings, excluded, kept, step):
             log.info("int8: no quantized tensor left to keep in float")
             break
         if len(excluded) > max_float_fraction * total_nodes:
             log.info("int8: %d of %d nodes would be float; int8 no longer pays", len(excluded), total_nodes)
             break
     return Int8Outcome(None, settings, report, kept, tries)
+
+
+def keep_worst_in_float(findings: Sequence[Any], excluded: list[str], kept: list[KeptInFloat], step: int) -> int:
+    """Add the next worst findings' nodes to ``excluded`` (recorded in ``kept``); returns how many findings.
+
+    ``findings`` come worst first, each with ``nodes`` and ``reason()``. Steps 0-3 keep one finding each;
+    later steps double the batch (2, 4, ...), so a model with many sensitive spots converges in few tries.
+    """
+    batch = 1 if step < 4 else 2 ** (step - 3)
+    added = 0
+    for finding in findings:
+        new = tuple(n for n in finding.nodes if n not in excluded)
+        if not new:
+            continue
+        excluded.extend(new)
+        kept.append(KeptInFloat(new, finding.reason(), step + 1))
+        added += 1
+        if added >= batch:
+            break
+    return added

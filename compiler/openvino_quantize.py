@@ -35,7 +35,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from edgepack.compiler.accuracy_aware import KeptInFloat
+from edgepack.compiler.accuracy_aware import KeptInFloat, keep_worst_in_float
 from edgepack.compiler.compare import AccuracyReport
 from edgepack.compiler.family import Conversion, ConvertJob, HostModel
 from edgepack.compiler.node_errors import _scores  # the per-channel SQNR of the ONNX Runtime analysis
@@ -149,18 +149,7 @@ def search_int8(model: Any, job: ConvertJob, *, max_steps: int = 8, max_float_fr
         findings = analyse(model, quantized, feeds[:_ANALYSIS_SAMPLES])
         if total is None:  # activation quantizers of the fully quantized model
             total = sum(1 for fq in _fake_quantizes(quantized) if not _is_weight(fq))
-        batch = 1 if step < 4 else 2 ** (step - 3)
-        added = 0
-        for finding in findings:
-            new = tuple(n for n in finding.nodes if n not in ignored)
-            if not new:
-                continue
-            ignored.extend(new)
-            kept.append(KeptInFloat(new, finding.reason(), step + 1))
-            added += 1
-            if added >= batch:
-                break
-        if not added:
+        if not keep_worst_in_float(findings, ignored, kept, step):
             log.info("int8: no quantized tensor left to keep in float")
             break
         if len(kept) > max_float_fraction * total:

@@ -217,7 +217,7 @@ def canonical_json(obj: Any) -> bytes:
 def parse_manifest(data: bytes) -> Manifest:
     """Parse and validate manifest bytes, which must be in canonical form."""
     try:
-        raw = json.loads(data.decode("utf-8"), parse_constant=_reject_constant)
+        raw = json.loads(data.decode("utf-8"), parse_constant=reject_json_constant)
     except (UnicodeDecodeError, json.JSONDecodeError, ValueError) as exc:
         raise BundleFormatError(f"manifest.json is not valid JSON: {exc}") from exc
     if not isinstance(raw, dict):
@@ -230,7 +230,7 @@ def parse_manifest(data: bytes) -> Manifest:
     try:
         manifest = Manifest.model_validate(raw)
     except ValidationError as exc:
-        raise BundleFormatError(f"manifest.json is invalid: {_first_errors(exc)}") from exc
+        raise BundleFormatError(f"manifest.json is invalid: {validation_summary(exc)}") from exc
     if manifest.to_bytes() != data:
         raise BundleFormatError("manifest.json is not in canonical form (sorted keys, compact separators)")
     return manifest
@@ -254,11 +254,13 @@ def utc_now() -> datetime:
     return datetime.now(timezone.utc).replace(microsecond=0)
 
 
-def _reject_constant(name: str) -> Any:
+def reject_json_constant(name: str) -> Any:
+    """``json.loads(parse_constant=...)``: NaN and Infinity are not JSON; refuse them."""
     raise ValueError(f"{name} is not allowed")
 
 
-def _first_errors(exc: ValidationError, limit: int = 3) -> str:
+def validation_summary(exc: ValidationError, limit: int = 3) -> str:
+    """The first ``limit`` problems of a pydantic error as one line: ``field.path: message; ...``."""
     parts = []
     for err in exc.errors()[:limit]:
         where = ".".join(str(p) for p in err["loc"]) or "(top level)"

@@ -54,7 +54,7 @@ from edgepack.errors import (
     UnknownKeyError,
 )
 from edgepack.keys import SigningKey
-from edgepack.manifest import canonical_json, utc_now
+from edgepack.manifest import canonical_json, reject_json_constant, utc_now, validation_summary
 from edgepack.trust import Signature, TrustStore, sign
 
 PROTOCOL_VERSION = 1
@@ -421,7 +421,7 @@ def _load(payload: bytes, what: str, limit: int) -> dict[str, Any]:
     if len(payload) > limit:
         raise MalformedMessageError(f"{what} is {len(payload)} bytes, more than the {limit} allowed")
     try:
-        raw = json.loads(payload.decode("utf-8"), parse_constant=_reject_constant)
+        raw = json.loads(payload.decode("utf-8"), parse_constant=reject_json_constant)
     except (UnicodeDecodeError, ValueError) as exc:  # JSONDecodeError is a ValueError
         raise MalformedMessageError(f"{what} is not valid JSON: {exc}") from exc
     if not isinstance(raw, dict):
@@ -437,7 +437,7 @@ def _validate(model: type[M], raw: dict[str, Any], what: str) -> M:
     try:
         return model.model_validate(raw)
     except ValidationError as exc:
-        raise MalformedMessageError(f"{what} does not match its schema: {_first_errors(exc)}") from exc
+        raise MalformedMessageError(f"{what} does not match its schema: {validation_summary(exc)}") from exc
 
 
 def parse_command(payload: bytes) -> SignedCommand:
@@ -466,7 +466,7 @@ def parse_event(payload: bytes) -> AcceptedEvent | ProgressEvent | NeedEvent | R
     try:
         return _EVENT.validate_python(raw)
     except ValidationError as exc:
-        raise MalformedMessageError(f"event does not match its schema: {_first_errors(exc)}") from exc
+        raise MalformedMessageError(f"event does not match its schema: {validation_summary(exc)}") from exc
 
 
 def parse_state(payload: bytes) -> DeviceState:
@@ -552,19 +552,6 @@ def error_code(exc: BaseException) -> str:
     if isinstance(exc, EdgepackError):
         return type(exc).__name__.removesuffix("Error").lower()
     return "internal"
-
-
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not allowed")
-
-
-def _first_errors(exc: ValidationError, limit: int = 3) -> str:
-    parts = []
-    for err in exc.errors()[:limit]:
-        where = ".".join(str(p) for p in err["loc"]) or "(top level)"
-        parts.append(f"{where}: {err['msg']}")
-    more = len(exc.errors()) - limit
-    return "; ".join(parts) + (f" (and {more} more)" if more > 0 else "")
 
 
 def positions_of(index: ChunkIndex, hashes: Sequence[str]) -> list[int]:
