@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import importlib
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -84,14 +84,14 @@ class RuntimeBackend(ABC):
         self,
         model_path: Path,
         *,
-        inputs: list[TensorSpec] | None = None,
-        outputs: list[TensorSpec] | None = None,
+        inputs: Sequence[TensorSpec] = (),
+        outputs: Sequence[TensorSpec] = (),
         execution: Mapping[str, Any] | None = None,
         options: RuntimeOptions | None = None,
     ) -> LoadedModel:
         """Load ``model_path``; ``execution`` is the bundle's runtime plan (providers, precision, ...).
 
-        ``inputs``/``outputs`` are the bundle's signature (names, dtypes, shapes, layouts); when None
+        ``inputs``/``outputs`` are the bundle's signature (names, dtypes, shapes, layouts); when empty
         (describing a bare model file, e.g. for ``edgepack bundle create``) they are read from the
         model itself and ``LoadedModel.inputs``/``outputs`` report what the model declares.
         """
