@@ -9,9 +9,10 @@ import pytest
 from edgepack.bundle import verify_bundle
 from edgepack.compiler.accuracy_aware import search_int8
 from edgepack.compiler.compare import AccuracyBar, compare_outputs
+from edgepack.compiler.family import HostModel, run_host_model
 from edgepack.compiler.load import load_model
 from edgepack.compiler.quantize_ort import Int8Settings
-from edgepack.compiler.runner import run_on_host
+from edgepack.compiler.runner import CPU_PLAN
 from edgepack.datasets import load_samples
 from edgepack.errors import AccuracyError
 from edgepack.targets.registry import get_target
@@ -28,10 +29,12 @@ def test_plain_int8_breaks_the_outlier_model(outlier: Path, digits: Digits, tmp_
     source = load_model(outlier, get_target("x86"))
     calibration = load_samples(digits.calibration, source.inputs)
     validation = load_samples(digits.validation, source.inputs)
-    reference = run_on_host(outlier, source.inputs, source.outputs, validation.feeds)
+    reference = run_host_model(
+        HostModel(outlier, "onnxruntime", CPU_PLAN), source.inputs, source.outputs, validation.feeds
+    )
 
     def evaluate(path: Path):
-        got = run_on_host(path, source.inputs, source.outputs, validation.feeds)
+        got = run_host_model(HostModel(path, "onnxruntime", CPU_PLAN), source.inputs, source.outputs, validation.feeds)
         return compare_outputs(reference, got, source.outputs, labels=validation.labels, bar=AccuracyBar())
 
     plain = search_int8(
