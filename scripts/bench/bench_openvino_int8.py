@@ -138,7 +138,9 @@ def main() -> None:
         for key in [k for k in base if k.startswith("ms_")]:
             row["x_" + key[3:]] = round(base[key] / row[key], 2)
 
-    compile_rows = compile_per_target(model, calib, test_x, test_y, work)
+    compile_rows = ORT_BENCH.compile_per_target(
+        model, calib, test_x, test_y, work, compiles=(("intel-cpu", "auto"), ("intel-gpu", "auto"))
+    )
     aware_rows = accuracy_aware(work)
     host = ORT_BENCH.host_info()
     host["openvino"] = str(ov.__version__).split("-", 1)[0]
@@ -240,49 +242,6 @@ def latency_table_ms(
     out: dict[str, dict[str, float]] = {label: {} for label in models}
     for (label, key), medians in samples.items():
         out[label][key] = round(1000.0 * min(medians), 2)
-    return out
-
-
-def compile_per_target(
-    model: Path, calib: np.ndarray, val_x: np.ndarray, val_y: np.ndarray, work: Path
-) -> list[dict[str, Any]]:
-    """Wall time of the whole compile (load .. signed bundle) per target, with the pipeline's own report."""
-    from edgepack.compiler.pipeline import CompileRequest, compile_model
-    from edgepack.keys import SigningKey
-
-    key = SigningKey.generate()
-    calib_file, val_file = work / "calib.npz", work / "val.npz"
-    np.savez(calib_file, input=calib)
-    np.savez(val_file, input=val_x[:100], labels=val_y[:100])
-    out = []
-    for target in ("intel-cpu", "intel-gpu"):
-        start = time.perf_counter()
-        result = compile_model(
-            CompileRequest(
-                model=model,
-                target=target,
-                calibration=calib_file,
-                validation=val_file,
-                keys=[key],
-                output=work / f"{target}.epk",
-                input_shapes={"input": [1, 3, TRAINED_SIZE, TRAINED_SIZE]},
-            )
-        )
-        seconds = time.perf_counter() - start
-        logits = result.accuracy.outputs[0]
-        out.append(
-            {
-                "target": result.target,
-                "precision": result.precision,
-                "compile_s": round(seconds, 1),
-                "top1_agreement": logits.top1_agreement,
-                "accuracy_orig_to_compiled": f"{logits.accuracy_reference:.2f}% -> {logits.accuracy_compiled:.2f}%",
-                "nodes_in_float": len(result.kept_in_float),
-                "speedup_1_thread_in_report": (result.speed or {}).get("speedup_1_thread"),
-                "steps_s": {k: round(v, 1) for k, v in result.timings.items()},
-            }
-        )
-        log.info("compile %s: %.1fs", target, seconds)
     return out
 
 

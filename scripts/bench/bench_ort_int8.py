@@ -254,10 +254,19 @@ def latency_table_ms(models: dict[str, Path], inputs: dict[int, np.ndarray], run
     return out
 
 
+ORT_COMPILES: tuple[tuple[str, str], ...] = (("x86", "auto"), ("jetson", "auto"), ("jetson", "int8"))
+
+
 def compile_per_target(
-    model: Path, calib: np.ndarray, val_x: np.ndarray, val_y: np.ndarray, work: Path
+    model: Path,
+    calib: np.ndarray,
+    val_x: np.ndarray,
+    val_y: np.ndarray,
+    work: Path,
+    compiles: tuple[tuple[str, str], ...] = ORT_COMPILES,
 ) -> list[dict[str, Any]]:
-    """Wall time of the whole compile (load .. signed bundle) per target, with the pipeline's own report."""
+    """Wall time of the whole compile (load .. signed bundle) per (target, precision), with the pipeline's
+    own report. Shared by the OpenVINO benchmark, which passes its own targets."""
     from edgepack.compiler.pipeline import CompileRequest, compile_model
     from edgepack.keys import SigningKey
 
@@ -268,7 +277,7 @@ def compile_per_target(
     np.savez(val_file, input=val_x[:100], labels=val_y[:100])
     shape = {"input": [1, 3, TRAINED_SIZE, TRAINED_SIZE]}
     out = []
-    for target, precision in (("x86", "auto"), ("jetson", "auto"), ("jetson", "int8")):
+    for target, precision in compiles:
         start = time.perf_counter()
         result = compile_model(
             CompileRequest(
@@ -291,7 +300,9 @@ def compile_per_target(
                 "compile_s": round(seconds, 1),
                 "top1_agreement": logits.top1_agreement,
                 "accuracy": [logits.accuracy_reference, logits.accuracy_compiled],
+                "accuracy_orig_to_compiled": f"{logits.accuracy_reference:.2f}% -> {logits.accuracy_compiled:.2f}%",
                 "nodes_in_float": len(result.kept_in_float),
+                "speedup_1_thread_in_report": (result.speed or {}).get("speedup_1_thread"),
                 "steps_s": {k: round(v, 1) for k, v in result.timings.items()},
             }
         )
