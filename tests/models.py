@@ -48,9 +48,11 @@ def linear_bundle(
     target: str = "x86",
     selftest_scale: float | None = None,
     samples: int = 4,
+    pad: int = 0,
 ) -> tuple[Path, Manifest]:
-    """A signed bundle of ``linear_model(scale)``; ``selftest_scale`` != scale makes its self-test fail."""
-    src = workdir / f"{name}-{version}-{scale}-src"
+    """A signed bundle of ``linear_model(scale)``; ``selftest_scale`` != scale makes its self-test fail;
+    ``pad`` adds that many random bytes of extra payload (for transfer tests that need many chunks)."""
+    src = workdir / f"{name}-{version}-{scale}-{pad}-{target}-{selftest_scale}-src"
     src.mkdir(parents=True, exist_ok=True)
     linear_model(src / "model.onnx", scale)
     rng = np.random.default_rng(7)
@@ -58,13 +60,17 @@ def linear_bundle(
     expected_scale = scale if selftest_scale is None else selftest_scale
     outputs = [{"y": linear_reference(s["x"], expected_scale)} for s in inputs]
     write_vectors(src / "selftest.npz", inputs, outputs)
-    out = workdir / f"{name}-{version}-{scale}.epk"
+    files = [
+        BundleFile("model.onnx", src / "model.onnx", "model"),
+        BundleFile("selftest.npz", src / "selftest.npz", "selftest"),
+    ]
+    if pad:
+        (src / "pad.bin").write_bytes(np.random.default_rng(int(scale * 1000) + pad).bytes(pad))
+        files.append(BundleFile("pad.bin", src / "pad.bin"))
+    out = src.with_suffix(".epk")
     manifest = write_bundle(
         out,
-        files=[
-            BundleFile("model.onnx", src / "model.onnx", "model"),
-            BundleFile("selftest.npz", src / "selftest.npz", "selftest"),
-        ],
+        files=files,
         signers=[key],
         name=name,
         version=version,

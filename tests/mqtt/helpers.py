@@ -17,9 +17,7 @@ import numpy as np
 from edgepack.agent.config import load_config
 from edgepack.agent.link import AgentLink, LinkOptions
 from edgepack.agent.service import DeviceAgent
-from edgepack.bundle import BundleFile, write_bundle
 from edgepack.keys import SigningKey
-from edgepack.manifest import RuntimeRequirement, SelfTest, TensorSpec
 from edgepack.mqtt import MqttClient, MqttOptions, Received
 from edgepack.protocol import (
     CommandTarget,
@@ -32,9 +30,8 @@ from edgepack.protocol import (
     parse_state,
     sign_command,
 )
-from edgepack.selftest import write_vectors
 from edgepack.transfer import ChunkedBundle
-from tests.models import linear_model, linear_reference
+from tests.models import linear_bundle
 
 FAST = LinkOptions(stall_s=0.5, need_max_s=2.0, progress_interval_s=0.05, reconnect_min_s=1, reconnect_max_s=1)
 
@@ -50,37 +47,12 @@ def padded_bundle(
     selftest_scale: float | None = None,
     name: str = "linear",
 ) -> Path:
-    """A signed linear-model bundle (see tests/models.py) with ``pad`` random bytes of extra payload."""
-    src = workdir / f"{name}-{version}-{scale}-{pad}-{target}-{selftest_scale}-src"
-    src.mkdir(parents=True, exist_ok=True)
-    linear_model(src / "model.onnx", scale)
-    rng = np.random.default_rng(7)
-    inputs = [{"x": rng.standard_normal((1, 4)).astype(np.float32)} for _ in range(2)]
-    outputs = [{"y": linear_reference(s["x"], scale if selftest_scale is None else selftest_scale)} for s in inputs]
-    write_vectors(src / "selftest.npz", inputs, outputs)
-    files = [
-        BundleFile("model.onnx", src / "model.onnx", "model"),
-        BundleFile("selftest.npz", src / "selftest.npz", "selftest"),
-    ]
-    if pad:
-        (src / "pad.bin").write_bytes(np.random.default_rng(int(scale * 1000) + pad).bytes(pad))
-        files.append(BundleFile("pad.bin", src / "pad.bin"))
-    out = src.with_suffix(".epk")
-    write_bundle(
-        out,
-        files=files,
-        signers=[key],
-        name=name,
-        version=version,
-        target=target,
-        runtime=RuntimeRequirement(name="onnxruntime", version=">=1.16"),
-        model_file="model.onnx",
-        inputs=[TensorSpec(name="x", dtype="float32", shape=["batch", 4])],
-        outputs=[TensorSpec(name="y", dtype="float32", shape=["batch", 3])],
-        selftest=SelfTest(vectors="selftest.npz", atol=1e-4, rtol=1e-4, samples=2),
-        execution={"providers": [{"name": "CPUExecutionProvider", "options": {}}]},
-    )
-    return out
+    """A signed linear-model bundle (tests/models.py) with 2 self-test samples and ``pad`` extra bytes."""
+    path, _ = linear_bundle(
+        workdir, key, name=name, version=version, scale=scale, target=target, selftest_scale=selftest_scale,
+        samples=2, pad=pad,
+    )  # fmt: skip
+    return path
 
 
 def options(url: str, protocol: str, name: str = "op") -> MqttOptions:
