@@ -59,8 +59,6 @@ from __future__ import annotations
 
 import importlib
 import logging
-import statistics
-import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -71,6 +69,7 @@ import numpy as np
 from edgepack.bundle import BundleFile
 from edgepack.compiler.accuracy_aware import KeptInFloat
 from edgepack.compiler.compare import AccuracyReport
+from edgepack.compiler.speed import median_ms
 from edgepack.datasets import Samples
 from edgepack.errors import RuntimeBackendError, UnsupportedModelError
 from edgepack.manifest import TensorSpec
@@ -173,6 +172,16 @@ class Conversion:
     @property
     def passed(self) -> bool:
         return self.compiled is not None
+
+    @classmethod
+    def single_try(
+        cls, job: ConvertJob, precision: Precision, host: HostModel, build: Callable[[], CompiledModel]
+    ) -> Conversion:
+        """One candidate, no search: judge ``host`` by the bar and ``build`` the compiled model if it passes."""
+        report = job.evaluate(host)
+        compiled = build() if report.passed else None
+        tries = [{"step": 0, "passed": report.passed, "summary": report.summary()}]
+        return cls(precision, compiled, report, tries)
 
     @property
     def nodes_in_float(self) -> list[str]:
@@ -286,13 +295,6 @@ def host_latency_ms(
     """Median milliseconds per inference through the shared backend (a converter's default ``latency_ms``)."""
     loaded = load_host_model(model, inputs, outputs, threads=threads)
     try:
-        loaded.infer(feed)  # warm-up
-        times: list[float] = []
-        deadline = time.perf_counter() + budget_s
-        while len(times) < min_runs or (time.perf_counter() < deadline and len(times) < 200):
-            start = time.perf_counter()
-            loaded.infer(feed)
-            times.append(time.perf_counter() - start)
-        return 1000.0 * statistics.median(times)
+        return median_ms(lambda: loaded.infer(feed), budget_s=budget_s, min_runs=min_runs)
     finally:
         loaded.close()

@@ -74,10 +74,7 @@ class LiteRtConverter:
         if job.precision != "fp32":
             raise ConfigError(f"target {job.target.name!r} compiles int8 or fp32, not {job.precision}")
         host = _host(job.target, base.path, "fp32", base)
-        report = job.evaluate(host)
-        compiled = _compiled(job.target, host, base, None) if report.passed else None
-        tries = [{"step": 0, "passed": report.passed, "summary": report.summary()}]
-        return Conversion("fp32", compiled, report, tries)
+        return Conversion.single_try(job, "fp32", host, lambda: _compiled(job.target, host, base, None))
 
     def _int8(self, job: ConvertJob, base: FloatTflite) -> Conversion:
         import ai_edge_quantizer  # noqa: F401  (fails here, not mid-search, when it is missing)
@@ -121,11 +118,8 @@ class LiteRtConverter:
         if job.precision != "int8":
             raise ConfigError(f"{job.model.path.name} is quantized already; compile it with --precision int8 (or auto)")
         host = _host(job.target, base.path, "int8", base)
-        report = job.evaluate(host)
-        compiled = None
-        if report.passed:
-            compiled = _compiled(job.target, host, base, {"precision": "int8", "tool": "quantized before compiling"})
-        return Conversion("int8", compiled, report, [{"step": 0, "passed": report.passed, "summary": report.summary()}])
+        given = {"precision": "int8", "tool": "quantized before compiling"}
+        return Conversion.single_try(job, "int8", host, lambda: _compiled(job.target, host, base, given))
 
     def latency_ms(self, model: HostModel, feed: Mapping[str, np.ndarray], *, threads: int, budget_s: float) -> float:
         if model.inputs is None or model.outputs is None:

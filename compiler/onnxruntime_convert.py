@@ -57,21 +57,16 @@ class OnnxRuntimeConverter:
         else:
             path = job.model.path
         host = _host(job.target, path, job.precision)
-        report = job.evaluate(host)
-        compiled = None
-        if report.passed:
-            quantization = None
-            if job.precision == "fp16":
-                import onnxruntime
+        quantization = None
+        if job.precision == "fp16":
+            import onnxruntime
 
-                quantization = {
-                    "precision": "fp16",
-                    "tool": f"onnxruntime.transformers.float16 {onnxruntime.__version__}",
-                    "keep_io_types": True,
-                }
-            compiled = _compiled(job.target, host, quantization)
-        tries = [{"step": 0, "passed": report.passed, "summary": report.summary()}]
-        return Conversion(job.precision, compiled, report, tries)
+            quantization = {
+                "precision": "fp16",
+                "tool": f"onnxruntime.transformers.float16 {onnxruntime.__version__}",
+                "keep_io_types": True,
+            }
+        return Conversion.single_try(job, job.precision, host, lambda: _compiled(job.target, host, quantization))
 
     def _int8(self, job: ConvertJob) -> Conversion:
         proto = onnx.load(str(job.model.path))

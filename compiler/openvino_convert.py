@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import logging
 import re
-import statistics
-import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +32,7 @@ import numpy as np
 
 from edgepack.bundle import BundleFile
 from edgepack.compiler.family import CompiledModel, Conversion, ConvertJob, FloatModel, HostModel, SourceFormat
+from edgepack.compiler.speed import median_ms
 from edgepack.errors import UnsupportedModelError
 from edgepack.manifest import TensorSpec
 from edgepack.targets.registry import Precision, Target
@@ -61,19 +60,14 @@ class OpenVinoConverter:
             return search_int8(model, job)
         name = "fp16" if job.precision == "fp16" else "fp32"
         host = save_ir(job, model, name, fp16=job.precision == "fp16")
-        report = job.evaluate(host)
-        compiled = None
-        if report.passed:
-            quantization = None
-            if job.precision == "fp16":
-                quantization = {
-                    "precision": "fp16",
-                    "tool": f"openvino.save_model(compress_to_fp16=True) {openvino_version()}",
-                    "weights": "f16",
-                }
-            compiled = compiled_model(job, host, quantization)
-        tries = [{"step": 0, "passed": report.passed, "summary": report.summary()}]
-        return Conversion(job.precision, compiled, report, tries)
+        quantization = None
+        if job.precision == "fp16":
+            quantization = {
+                "precision": "fp16",
+                "tool": f"openvino.save_model(compress_to_fp16=True) {openvino_version()}",
+                "weights": "f16",
+            }
+        return Conversion.single_try(job, job.precision, host, lambda: compiled_model(job, host, quantization))
 
     def latency_ms(self, model: HostModel, feed: Mapping[str, np.ndarray], *, threads: int, budget_s: float) -> float:
         return latency_ms(model, feed, threads=threads, budget_s=budget_s)
@@ -171,14 +165,7 @@ def latency_ms(
     compiled = ov.Core().compile_model(str(model.path), HOST_DEVICE, config)
     request = compiled.create_infer_request()
     feed = dict(feed)
-    request.infer(feed)  # warm-up
-    times: list[float] = []
-    deadline = time.perf_counter() + budget_s
-    while len(times) < min_runs or (time.perf_counter() < deadline and len(times) < 200):
-        start = time.perf_counter()
-        request.infer(feed)
-        times.append(time.perf_counter() - start)
-    return 1000.0 * statistics.median(times)
+    return median_ms(lambda: request.infer(feed), budget_s=budget_s, min_runs=min_runs)
 
 
 def _name_ports(ports: Sequence[Any], specs: Sequence[TensorSpec], role: str, source: FloatModel) -> None:
