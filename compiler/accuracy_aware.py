@@ -31,6 +31,7 @@ from edgepack.compiler.compare import AccuracyReport
 from edgepack.compiler.node_errors import analyse
 from edgepack.compiler.quantize_ort import Int8Settings, quantize_int8
 from edgepack.compiler.speed import latency_ms
+from edgepack.errors import QuantizerError
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +85,12 @@ def search_int8(
         return static
     dynamic_settings = settings.dynamic()
     dyn_path = workdir / "int8-dynamic.onnx"
-    quantize_int8(fp32_model, dyn_path, calibration, dynamic_settings)
+    try:
+        quantize_int8(fp32_model, dyn_path, calibration, dynamic_settings)
+    except QuantizerError as exc:  # the static result stands on its own
+        log.warning("dynamic int8 skipped: %s", exc)
+        static.tries.append({"step": "dynamic", "passed": False, "error": str(exc)})
+        return static
     dyn_report = evaluate(dyn_path)
     dyn_try = {"step": "dynamic", "nodes_in_float": 0, "passed": dyn_report.passed, "summary": dyn_report.summary()}
     if on_try:

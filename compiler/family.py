@@ -159,7 +159,8 @@ class Conversion:
     anything else worth keeping), shown in the manifest's ``accuracy.attempts``. ``kept_in_float``: the
     nodes the accuracy-aware search kept in float (also when it failed, for the error message).
     ``baseline``: the float model on the same runtime and device, for the speed comparison (None: do not
-    measure, e.g. the host CPU says nothing about the device's accelerator).
+    measure, e.g. the host CPU says nothing about the device's accelerator). ``failure``: set by the
+    pipeline when the quantizer itself failed and ``auto`` fell back (no candidate was judged).
     """
 
     precision: Precision
@@ -168,6 +169,7 @@ class Conversion:
     tries: list[dict[str, Any]] = field(default_factory=list)
     kept_in_float: list[KeptInFloat] = field(default_factory=list)
     baseline: HostModel | None = None
+    failure: str | None = None
 
     @property
     def passed(self) -> bool:

@@ -40,7 +40,7 @@ from edgepack.compiler.compare import AccuracyReport
 from edgepack.compiler.family import Conversion, ConvertJob, HostModel
 from edgepack.compiler.node_errors import _scores  # the per-channel SQNR of the ONNX Runtime analysis
 from edgepack.compiler.openvino_convert import compiled_model, host_config, openvino_version, save_ir
-from edgepack.errors import UnsupportedModelError
+from edgepack.errors import EdgepackError, QuantizerError
 from edgepack.targets.openvino_family import inference_precision
 from edgepack.targets.registry import Target
 
@@ -89,7 +89,6 @@ def quantize(model: Any, feeds: Feeds, settings: NncfSettings, ignored: Sequence
     presets = {"performance": nncf.QuantizationPreset.PERFORMANCE, "mixed": nncf.QuantizationPreset.MIXED}
     fixes = {"enable": OverflowFix.ENABLE, "first_layer": OverflowFix.FIRST_LAYER, "disable": OverflowFix.DISABLE}
     scope = nncf.IgnoredScope(names=list(ignored), validate=False) if ignored else None
-    failures = (RuntimeError, nncf.errors.InternalError, nncf.errors.UnsupportedModelError, nncf.errors.ValidationError)
     try:
         with _quiet():
             return nncf.quantize(
@@ -102,8 +101,10 @@ def quantize(model: Any, feeds: Feeds, settings: NncfSettings, ignored: Sequence
                 ignored_scope=scope,
                 advanced_parameters=AdvancedQuantizationParameters(overflow_fix=fixes[settings.overflow_fix]),
             )
-    except failures as exc:
-        raise UnsupportedModelError(
+    except EdgepackError:
+        raise
+    except Exception as exc:  # NNCF's failures come as many types; the boundary names the tool and the cause
+        raise QuantizerError(
             f"NNCF {nncf.__version__} cannot quantize this model to int8: {exc}; compile it with --precision fp32 "
             "(or fp16 where the target has it)"
         ) from exc
@@ -159,7 +160,7 @@ def search_int8(model: Any, job: ConvertJob, *, max_steps: int = 8, max_float_fr
 
 
 @dataclass(frozen=True)
-class QuantizerError:
+class QuantizerCost:
     """One activation quantizer of the int8 model and what it costs."""
 
     tensor: str  # "<producer op>:<output index>"
@@ -175,7 +176,7 @@ class QuantizerError:
         )
 
 
-def analyse(float_model: Any, int8_model: Any, feeds: Feeds, *, max_candidates: int = 8) -> list[QuantizerError]:
+def analyse(float_model: Any, int8_model: Any, feeds: Feeds, *, max_candidates: int = 8) -> list[QuantizerCost]:
     """Activation quantizers of ``int8_model`` that hurt the outputs, the most harmful first.
 
     Each activation ``FakeQuantize`` is scored twice on ``feeds``: its tensor against the same tensor of
@@ -215,12 +216,12 @@ def analyse(float_model: Any, int8_model: Any, feeds: Feeds, *, max_candidates: 
     by_worst = sorted(scored, key=lambda item: item[2])[:max_candidates]
     by_whole = sorted(scored, key=lambda item: item[3])[:max_candidates]
     candidates = list({item[0]: item for item in [*by_worst, *by_whole]}.values())
-    findings: list[QuantizerError] = []
+    findings: list[QuantizerCost] = []
     for name, tensor, worst, whole, consumers in candidates:
         bypassed = _output_sqnr(reference, _outputs(core, _bypass(int8_model, name), feeds, config))
         gain = bypassed - base
         if gain > 0.01:
-            findings.append(QuantizerError(tensor, worst, whole, gain, consumers))
+            findings.append(QuantizerCost(tensor, worst, whole, gain, consumers))
     findings.sort(key=lambda f: (-f.output_gain_db, f.worst_channel_sqnr_db))
     log.info(
         "int8 analysis: %d activation quantizers, %d bypassed, %d matter", len(pairs), len(candidates), len(findings)

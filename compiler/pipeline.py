@@ -69,7 +69,7 @@ from edgepack.compiler.progress import Progress
 from edgepack.compiler.runner import CPU_PLAN
 from edgepack.compiler.selftest_vectors import write_selftest
 from edgepack.datasets import SampleSource, load_samples
-from edgepack.errors import AccuracyError, ConfigError
+from edgepack.errors import AccuracyError, ConfigError, QuantizerError
 from edgepack.manifest import Manifest, RuntimeRequirement
 from edgepack.targets.registry import Precision, Target, get_target
 
@@ -217,10 +217,18 @@ def compile_model(request: CompileRequest, progress: Progress | None = None) -> 
         attempts: list[dict[str, Any]] = []
         conversions: list[Conversion] = []
         chosen: Conversion | None = None
-        for precision in chain:
+        for index, precision in enumerate(chain):
             with _timed(progress, _STEP_NAMES[precision], timings) as step:
                 job = ConvertJob(target, precision, float_model, calibration, evaluate, tmp, step.detail)
-                conversion = converter.convert(job)
+                try:
+                    conversion = converter.convert(job)
+                except QuantizerError as exc:
+                    if index == len(chain) - 1:
+                        raise
+                    # auto: the quantizer crashing on this model is one more reason to fall back to float
+                    log.warning("%s; trying %s", exc, chain[index + 1])
+                    step.detail(f"the quantizer failed; trying {chain[index + 1]}")
+                    conversion = Conversion(precision, None, None, failure=str(exc))
                 conversions.append(conversion)
                 verdict = "passes" if conversion.passed else "fails the bar"
                 if precision == "int8":
@@ -291,7 +299,9 @@ _STEP_NAMES: dict[str, str] = {
 
 def _attempt(conversion: Conversion) -> dict[str, Any]:
     attempt: dict[str, Any] = {"precision": conversion.precision, "passed": conversion.passed}
-    if conversion.precision == "int8":
+    if conversion.failure is not None:
+        attempt["error"] = conversion.failure
+    elif conversion.precision == "int8":
         attempt["tries"] = conversion.tries
     elif conversion.report is not None:
         attempt["summary"] = conversion.report.summary()
@@ -432,7 +442,9 @@ def _accuracy_message(target: Target, requested: str, conversions: list[Conversi
     lines = [f"no precision of target {target.name!r} met the accuracy bar (requested {requested}):"]
     for conversion in conversions:
         report = conversion.report
-        if conversion.precision == "int8" and report is not None:
+        if conversion.failure is not None:
+            lines.append(f"  {conversion.precision}: {conversion.failure}")
+        elif conversion.precision == "int8" and report is not None:
             kept = len(conversion.nodes_in_float)
             lines.append(f"  int8 ({kept} nodes kept in float): {'; '.join(report.failures)}")
         else:

@@ -36,7 +36,7 @@ from typing import Any, Literal
 import numpy as np
 import onnx
 
-from edgepack.errors import UnsupportedModelError
+from edgepack.errors import EdgepackError, QuantizerError
 from edgepack.targets.registry import Target
 
 log = logging.getLogger(__name__)
@@ -78,7 +78,7 @@ def ensure_opset(proto: onnx.ModelProto, minimum: int = MIN_QDQ_OPSET) -> onnx.M
         converted = version_converter.convert_version(proto, minimum)
         onnx.checker.check_model(converted)
     except (RuntimeError, ValueError, onnx.checker.ValidationError) as exc:
-        raise UnsupportedModelError(
+        raise QuantizerError(
             f"int8 with per-channel weights needs ONNX opset >= {minimum}; converting this opset-{current} "
             f"model failed ({exc}); re-export it with opset {minimum} or newer"
         ) from exc
@@ -96,9 +96,22 @@ def quantize_int8(
     calibration_cache: Path | None = None,
     on_sample: Callable[[], None] | None = None,
 ) -> None:
-    """Quantize the float model at ``src`` into ``dst`` with ``settings``; ``nodes_to_exclude`` stay float."""
-    with _without_preprocess_hint():
-        _quantize(src, dst, calibration, settings, nodes_to_exclude, calibration_cache, on_sample)
+    """Quantize the float model at ``src`` into ``dst`` with ``settings``; ``nodes_to_exclude`` stay float.
+
+    A failure inside onnxruntime's quantization tooling is raised as :class:`QuantizerError`; bad
+    calibration data never gets here (the data step checked it against the model)."""
+    import onnxruntime
+
+    try:
+        with _without_preprocess_hint():
+            _quantize(src, dst, calibration, settings, nodes_to_exclude, calibration_cache, on_sample)
+    except EdgepackError:
+        raise
+    except Exception as exc:  # the tooling fails with many types; the boundary names the tool and the cause
+        raise QuantizerError(
+            f"onnxruntime {onnxruntime.__version__} cannot quantize this model to {settings.method} int8: "
+            f"{type(exc).__name__}: {exc}; compile with --precision fp32 (or fp16 where the target has it)"
+        ) from exc
 
 
 def _quantize(

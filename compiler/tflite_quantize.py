@@ -47,7 +47,7 @@ import numpy as np
 from edgepack.compiler.accuracy_aware import KeptInFloat
 from edgepack.compiler.compare import AccuracyReport
 from edgepack.compiler.tflite_graph import TfliteInfo, describe
-from edgepack.errors import CompileError
+from edgepack.errors import CompileError, EdgepackError, QuantizerError
 from edgepack.manifest import TensorSpec
 from edgepack.runtimes.tensors import layout_change, transpose_layout
 
@@ -131,11 +131,12 @@ class Calibrator:
         self.signature = describe(self.float_model).signature or "serving_default"
 
     def quantize(self, out: Path, keep_float: Sequence[str] = ()) -> QuantizedModel:
-        quantizer = self._quantizer(keep_float)
-        if self._qsvs is None:
-            self._qsvs = self._calibrate()
-        with _quiet():
-            result = quantizer.quantize(self._qsvs, enable_progress_report=False)
+        with _quantizer_failures(self.float_model):
+            quantizer = self._quantizer(keep_float)
+            if self._qsvs is None:
+                self._qsvs = self._calibrate()
+            with _quiet():
+                result = quantizer.quantize(self._qsvs, enable_progress_report=False)
         if result.quantized_model is None:
             raise CompileError(f"ai-edge-quantizer produced no model for {self.float_model.name}")
         out.write_bytes(bytes(result.quantized_model))
@@ -173,6 +174,22 @@ class Calibrator:
                 algorithm_key=AlgorithmName.NO_QUANTIZE,
             )
         return q
+
+
+@contextlib.contextmanager
+def _quantizer_failures(float_model: Path) -> Iterator[None]:
+    """ai-edge-quantizer fails with many exception types; name the tool and the cause in one of ours."""
+    try:
+        yield
+    except EdgepackError:
+        raise
+    except Exception as exc:
+        from importlib.metadata import version
+
+        raise QuantizerError(
+            f"ai-edge-quantizer {version('ai-edge-quantizer')} cannot quantize this model to int8: "
+            f"{type(exc).__name__}: {exc}; compile with --precision fp32"
+        ) from exc
 
 
 def quantize_int8(

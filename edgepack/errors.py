@@ -156,6 +156,13 @@ class UnsupportedModelError(CompileError):
     """The model uses an op or a shape the target cannot run."""
 
 
+class QuantizerError(UnsupportedModelError):
+    """The int8 quantizer itself (onnxruntime's tooling, NNCF, ai-edge-quantizer) failed on this model.
+
+    Under ``--precision auto`` the compiler records it and falls back to the target's float precisions;
+    asked for int8 explicitly, it is the compile's error."""
+
+
 class DataError(CompileError):
     """Calibration or validation data does not fit the model."""
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import statistics
 import sys
 import tempfile
@@ -39,7 +40,7 @@ import onnx
 sys.path.insert(0, str(Path(__file__).parent))
 
 from bench_ort_int8 import CACHE, _digits_module, ensure_model, to_rgb
-from results import write_results
+from results import add_speedups, write_results
 
 from edgepack.compiler.tflite_convert import ConvertedModel, convert_onnx
 from edgepack.compiler.tflite_quantize import quantize_int8
@@ -88,6 +89,10 @@ def main() -> None:
         )  # fmt: skip
         save_conversion(work / "o2t-int8", with_int8)
     assert with_int8.int8_path is not None
+    load_after = {
+        part: json.loads((work / folder / "conversion.json").read_text()).get("load_after", float("nan"))
+        for part, folder in (("float", "float"), ("int8", "o2t-int8"))
+    }
     convert_wall, o2t_int8_wall = converted.seconds, with_int8.seconds
 
     models: dict[str, Path] = {"fp32 (onnx2tf float)": converted.path}
@@ -128,9 +133,7 @@ def main() -> None:
             row["quantize_s"] = quant_s[label]
         rows.append(row)
         log.info("%s", row)
-    for row in rows[1:]:
-        row["speedup_1t"] = round(rows[0]["ms_1t"] / row["ms_1t"], 2)
-        row["speedup_2t"] = round(rows[0]["ms_2t"] / row["ms_2t"], 2)
+    add_speedups(rows)
 
     import ai_edge_litert
 
@@ -139,7 +142,8 @@ def main() -> None:
         f"onnx2tf {converted.toolchain.get('onnx2tf')} (TensorFlow {converted.toolchain.get('tensorflow')}) float "
         f"conversion: {convert_wall:.0f} s, peak memory {converted.peak_rss_mb:.0f} MB (converter process; its "
         f"onnxsim children peak lower); with its int8 path as well: {o2t_int8_wall:.0f} s, peak "
-        f"{with_int8.peak_rss_mb:.0f} MB. Shared 2-core host, other jobs running: load average 3-6 during it.",
+        f"{with_int8.peak_rss_mb:.0f} MB. 1-minute load average when each ended (the converter's own share "
+        f"included): {load_after['float']:.1f}, {load_after['int8']:.1f} on {os.cpu_count()} cores.",
         f"LiteRT (ai-edge-litert {ai_edge_litert.__version__ if hasattr(ai_edge_litert, '__version__') else '?'}), "
         f"XNNPACK, through edgepack's LiteRT backend (int8 models quantize/dequantize at the edges); batch 1; "
         f"models measured round-robin, 5 rounds of {max(runs // 5, 3)} runs, best round's median.",
@@ -180,6 +184,7 @@ def save_conversion(where: Path, converted: ConvertedModel) -> None:
                 "log": str(converted.log_path),
                 "seconds": converted.seconds,
                 "peak_rss_mb": converted.peak_rss_mb,
+                "load_after": os.getloadavg()[0],
                 "toolchain": converted.toolchain,
                 "int8_path": str(converted.int8_path) if converted.int8_path else None,
             }

@@ -48,7 +48,7 @@ import openvino as ov
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "scripts" / "bench"))
 
-from results import RESULTS, write_results  # noqa: E402
+from results import RESULTS, add_speedups, write_results  # noqa: E402
 
 CACHE = REPO / ".cache" / "bench"
 TRAINED_SIZE = 112
@@ -133,10 +133,7 @@ def main() -> None:
             row["quantize_s"] = quant_s[label]
         rows.append(row)
         log.info("%s", row)
-    base = rows[0]
-    for row in rows[1:]:
-        for key in [k for k in base if k.startswith("ms_")]:
-            row["x_" + key[3:]] = round(base[key] / row[key], 2)
+    add_speedups(rows, prefix="x_")
 
     compile_rows = ORT_BENCH.compile_per_target(
         model, calib, test_x, test_y, work, compiles=(("intel-cpu", "auto"), ("intel-gpu", "auto"))

@@ -23,8 +23,6 @@ import argparse
 import importlib.util
 import json
 import logging
-import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -36,6 +34,9 @@ from typing import Any
 import numpy as np
 import onnx
 import onnxruntime as ort
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from results import add_speedups, machine
 
 REPO = Path(__file__).resolve().parents[2]
 CACHE = REPO / ".cache" / "bench"
@@ -111,10 +112,7 @@ def main() -> None:
             row["quantize_s"] = quant_seconds[label]
         rows.append(row)
         log.info("%s", row)
-    base = rows[0]
-    for row in rows[1:]:
-        for key in [k for k in base if k.startswith("ms_")]:
-            row["speedup_" + key[3:]] = round(base[key] / row[key], 2)
+    add_speedups(rows)
 
     compile_times = compile_per_target(fp32 if args.quick else model, calib, test_x, test_y, work)
     result = {
@@ -224,8 +222,10 @@ def predict(path: Path, x: np.ndarray) -> np.ndarray:
     return np.concatenate([s.run(None, {"input": x[i : i + 1]})[0].argmax(-1) for i in range(len(x))])
 
 
-def latency_table_ms(models: dict[str, Path], inputs: dict[int, np.ndarray], runs: int) -> dict[str, dict[str, float]]:
-    """Median ms per model, size and thread count.
+def latency_table_ms(
+    models: dict[str, Path], inputs: dict[int, np.ndarray] | dict[str, np.ndarray], runs: int
+) -> dict[str, dict[str, float]]:
+    """Median ms per model, input (keyed by size or a label) and thread count.
 
     Each model runs in a session of its own that is closed before the next one starts: onnxruntime's
     intra-op threads spin-wait after a run, so interleaving live 2-thread sessions on 2 cores makes them
@@ -247,7 +247,7 @@ def latency_table_ms(models: dict[str, Path], inputs: dict[int, np.ndarray], run
                         s.run(None, feed)
                         times.append(time.perf_counter() - start)
                     del s
-                log.info("timed %d threads at %dx%d", threads, size, size)
+                log.info("timed %d threads on input %s", threads, size)
     out: dict[str, dict[str, float]] = {label: {} for label in models}
     for (label, key), times in samples.items():
         out[label][key] = round(1000.0 * statistics.median(times), 2)
@@ -264,6 +264,7 @@ def compile_per_target(
     val_y: np.ndarray,
     work: Path,
     compiles: tuple[tuple[str, str], ...] = ORT_COMPILES,
+    input_shape: list[int] | None = None,
 ) -> list[dict[str, Any]]:
     """Wall time of the whole compile (load .. signed bundle) per (target, precision), with the pipeline's
     own report. Shared by the OpenVINO benchmark, which passes its own targets."""
@@ -275,7 +276,7 @@ def compile_per_target(
     val_file = work / "val.npz"
     np.savez(calib_file, input=calib)
     np.savez(val_file, input=val_x[:100], labels=val_y[:100])
-    shape = {"input": [1, 3, TRAINED_SIZE, TRAINED_SIZE]}
+    shape = {"input": input_shape or [1, 3, TRAINED_SIZE, TRAINED_SIZE]}
     out = []
     for target, precision in compiles:
         start = time.perf_counter()
@@ -303,6 +304,8 @@ def compile_per_target(
                 "accuracy_orig_to_compiled": f"{logits.accuracy_reference:.2f}% -> {logits.accuracy_compiled:.2f}%",
                 "nodes_in_float": len(result.kept_in_float),
                 "speedup_1_thread_in_report": (result.speed or {}).get("speedup_1_thread"),
+                "method": (result.quantization or {}).get("method"),
+                "attempts": result.attempts,
                 "steps_s": {k: round(v, 1) for k, v in result.timings.items()},
             }
         )
@@ -311,25 +314,7 @@ def compile_per_target(
 
 
 def host_info() -> dict[str, Any]:
-    cpu = "unknown"
-    flags: set[str] = set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name") and cpu == "unknown":
-                cpu = line.split(":", 1)[1].strip()
-            if line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    isa = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8") if f in flags]
-    return {
-        "cpu": cpu,
-        "isa": isa,
-        "cores": os.cpu_count(),
-        "python": platform.python_version(),
-        "onnxruntime": ort.__version__,
-        "onnx": onnx.__version__,
-    }
+    return {**machine(), "onnxruntime": ort.__version__, "onnx": onnx.__version__}
 
 
 def markdown(result: dict[str, Any]) -> str:

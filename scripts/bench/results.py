@@ -11,14 +11,39 @@ from typing import Any
 RESULTS = Path(__file__).parent / "results"
 
 
+ISA_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8", "asimddp", "i8mm")
+
+
 def machine() -> dict[str, Any]:
+    """The CPU model, the instruction-set extensions that decide int8 speed (VNNI above all), cores."""
     import os
 
+    cpu = platform.processor() or platform.machine()
+    flags: set[str] = set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name" and cpu in ("", platform.machine()):
+                cpu = value.strip()
+            if key.strip() in ("flags", "Features"):
+                flags = set(value.split())
+    except OSError:
+        pass
     return {
-        "cpu": platform.processor() or platform.machine(),
+        "cpu": cpu,
+        "isa": [f for f in ISA_FLAGS if f in flags],
         "cores": os.cpu_count(),
         "python": platform.python_version(),
     }
+
+
+def add_speedups(rows: list[dict[str, Any]], prefix: str = "speedup_") -> None:
+    """Give every row after the first (the baseline) ``<prefix><what>`` = baseline ms / row ms for each of
+    the baseline's ``ms_<what>`` columns."""
+    base = rows[0]
+    for row in rows[1:]:
+        for key in [k for k in base if k.startswith("ms_") and row.get(k)]:
+            row[prefix + key[3:]] = round(base[key] / row[key], 2)
 
 
 def write_results(name: str, rows: list[dict[str, Any]], *, title: str, notes: list[str] | None = None) -> Path:

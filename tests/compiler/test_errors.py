@@ -10,7 +10,7 @@ import pytest
 from onnx import TensorProto, helper
 
 from edgepack.compiler.pipeline import CompileRequest, compile_model
-from edgepack.errors import ConfigError, DataError, ModelLoadError, UnsupportedModelError
+from edgepack.errors import ConfigError, DataError, ModelLoadError, QuantizerError, UnsupportedModelError
 
 from .conftest import SAMPLE_MODEL, Digits, Signing
 
@@ -133,3 +133,39 @@ def test_failed_compile_keeps_an_existing_output(tmp_path: Path, digits: Digits,
     with pytest.raises(DataError):
         compile_model(_request(tmp_path, digits, signing, calibration=bad))
     assert out.read_bytes() == b"previous bundle"
+
+
+# --- the quantizer itself fails --------------------------------------------------------------------
+
+
+def _quantize_static_crashes(*_args: object, **_kwargs: object) -> None:
+    raise RuntimeError("calibration blew up inside the tool")
+
+
+def test_a_crashing_quantizer_under_auto_falls_back_to_float(
+    tmp_path: Path, digits: Digits, signing: Signing, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import onnxruntime.quantization
+
+    monkeypatch.setattr(onnxruntime.quantization, "quantize_static", _quantize_static_crashes)
+    result = compile_model(_request(tmp_path, digits, signing, validation=digits.validation))
+    assert result.precision == "fp32" and result.requested_precision == "auto" and result.accuracy.passed
+    failed = result.attempts[0]
+    assert failed["precision"] == "int8" and failed["passed"] is False
+    assert "onnxruntime" in failed["error"] and "calibration blew up inside the tool" in failed["error"]
+    assert result.manifest.accuracy["attempts"][0]["error"] == failed["error"]
+
+
+def test_a_crashing_quantizer_is_the_error_when_int8_was_asked_for(
+    tmp_path: Path, digits: Digits, signing: Signing, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import onnxruntime.quantization
+
+    monkeypatch.setattr(onnxruntime.quantization, "quantize_static", _quantize_static_crashes)
+    _fails(
+        _request(tmp_path, digits, signing, precision="int8"),
+        QuantizerError,
+        "onnxruntime",
+        "RuntimeError: calibration blew up inside the tool",
+        "--precision fp32",
+    )

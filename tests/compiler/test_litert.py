@@ -9,6 +9,7 @@ source compiled. The toolchain is the cached one (see ``litert_fixtures``), neve
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +23,7 @@ from edgepack.compiler.pipeline import CompileRequest, compile_model
 from edgepack.compiler.tflite_convert import SAMPLE_IMAGE_FILE, convert_onnx
 from edgepack.compiler.tflite_graph import describe
 from edgepack.compiler.toolchain import Toolchain
-from edgepack.errors import UnsupportedModelError
+from edgepack.errors import QuantizerError, UnsupportedModelError
 from edgepack.runtimes.base import RuntimeOptions, get_backend
 from edgepack.selftest import run_selftest
 from tests.runtimes.conftest import build_fc_tflite, build_int8_fc_tflite
@@ -279,6 +280,29 @@ def test_a_tflite_model_compiles_to_int8_for_rpi5(signing: Signing, tmp_path: Pa
         assert run_selftest(model, bundle_dir / "selftest.npz", manifest.selftest.atol, manifest.selftest.rtol).passed
     finally:
         model.close()
+
+
+def test_ai_edge_quantizer_crashing_under_auto_falls_back_to_fp32(
+    signing: Signing, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from ai_edge_quantizer import quantizer
+
+    def crash(*_args: object, **_kwargs: object) -> None:
+        raise KeyError("FULLY_CONNECTED")
+
+    monkeypatch.setattr(quantizer.Quantizer, "quantize", crash)
+    source = build_fc_tflite(tmp_path / "fc.tflite").path
+    np.savez(tmp_path / "calib.npz", x=np.random.default_rng(3).normal(0, 1, (64, 8)).astype(np.float32))
+    request = CompileRequest(
+        model=source, target="rpi5", calibration=tmp_path / "calib.npz", keys=[signing.key_file],
+        output=tmp_path / "fc.epk",
+    )  # fmt: skip
+    result = compile_model(request)
+    assert result.precision == "fp32"
+    assert "ai-edge-quantizer" in result.attempts[0]["error"] and "KeyError" in result.attempts[0]["error"]
+    with pytest.raises(QuantizerError, match="ai-edge-quantizer .* cannot quantize this model to int8: KeyError"):
+        compile_model(replace(request, precision="int8", output=tmp_path / "fc-int8.epk"))
+    assert not (tmp_path / "fc-int8.epk").exists()
 
 
 def test_an_int8_tflite_model_is_packaged_as_given(signing: Signing, tmp_path: Path) -> None:

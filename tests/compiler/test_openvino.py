@@ -255,3 +255,23 @@ def test_accuracy_aware_int8_keeps_the_outlier_in_float(
     assert all("output SQNR" in k.reason for k in result.kept_in_float)
     manifest = verify_bundle(result.output, signing.trust)
     assert manifest.quantization is not None and manifest.quantization["nodes_in_float"] == kept
+
+
+def test_nncf_crashing_under_auto_falls_back_to_fp32(
+    tmp_path: Path, digits: Digits, signing: Signing, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import nncf
+
+    def crash(*_args: object, **_kwargs: object) -> None:
+        raise ValueError("no quantizer pattern matches this graph")
+
+    monkeypatch.setattr(nncf, "quantize", crash)
+    result = compile_model(
+        CompileRequest(
+            model=SAMPLE_MODEL, target="intel-cpu", calibration=digits.calibration, validation=digits.validation,
+            keys=[signing.key_file], output=tmp_path / "fallback.epk",
+        )
+    )  # fmt: skip
+    assert result.precision == "fp32" and result.manifest.runtime.name == "openvino"
+    assert "NNCF" in result.attempts[0]["error"] and "no quantizer pattern matches" in result.attempts[0]["error"]
+    assert verify_bundle(result.output, signing.trust).runtime.name == "openvino"

@@ -7,8 +7,10 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnxruntime as ort
+import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from edgepack.compiler.pipeline import CompileResult
 from edgepack.compiler.quantize_ort import Int8Settings, ensure_opset, quantize_int8
 from edgepack.targets.registry import get_target
 
@@ -59,7 +61,7 @@ def test_settings_per_target() -> None:
     assert cpu.to_dict()["format"] == "QDQ" and cpu.dynamic().to_dict()["format"] == "dynamic"
 
 
-def test_matmul_model_also_tries_dynamic_int8(tmp_path: Path) -> None:
+def _compile_mlp(tmp_path: Path) -> CompileResult:
     from edgepack.compiler.pipeline import CompileRequest, compile_model
     from edgepack.keys import SigningKey
 
@@ -82,7 +84,7 @@ def test_matmul_model_also_tries_dynamic_int8(tmp_path: Path) -> None:
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(model))
     data = tmp_path / "data.npz"
     np.savez(data, x=rng.normal(size=(64, 64)).astype(np.float32))
-    result = compile_model(
+    return compile_model(
         CompileRequest(
             model=model,
             target="x86",
@@ -92,7 +94,26 @@ def test_matmul_model_also_tries_dynamic_int8(tmp_path: Path) -> None:
             max_accuracy_drop=5.0,
         )
     )
+
+
+def test_matmul_model_also_tries_dynamic_int8(tmp_path: Path) -> None:
+    result = _compile_mlp(tmp_path)
     assert result.precision == "int8"
     tries = result.attempts[0]["tries"]
-    assert any(t["step"] == "dynamic" for t in tries), tries
+    dynamic = [t for t in tries if t["step"] == "dynamic"]
+    assert dynamic and dynamic[0]["passed"] and dynamic[0]["latency_ms"] > 0, tries
     assert result.quantization is not None and result.quantization["method"] in ("static", "dynamic")
+
+
+def test_a_crashing_dynamic_quantizer_keeps_the_static_result(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import onnxruntime.quantization
+
+    def crash(*_args: object, **_kwargs: object) -> None:
+        raise ValueError("MatMul weight layout not understood")
+
+    monkeypatch.setattr(onnxruntime.quantization, "quantize_dynamic", crash)
+    result = _compile_mlp(tmp_path)
+    assert result.precision == "int8" and result.quantization is not None
+    assert result.quantization["method"] == "static"
+    dynamic = [t for t in result.attempts[0]["tries"] if t["step"] == "dynamic"]
+    assert "MatMul weight layout not understood" in dynamic[0]["error"]
