@@ -128,9 +128,10 @@ register(
         notes="OpenVINO IR; NNCF int8 (f32 for the float parts, pinned: no silent bf16); ONNX or TFLite in",
         aliases=("openvino", "openvino-cpu", "intel"),
         # NNCF's overflow fix on every layer (7-bit weights): int8 kernels of CPUs without VNNI (AVX2) sum
-        # pairs of u8*s8 products in 16 bits and saturate; measured on the benchmark ResNet-50 here, NNCF's
-        # default (first layer only) lost top-1 agreement, all layers kept it at no cost in speed
-        # (scripts/bench/results/openvino_int8.md). The same trade as the x86 target's reduce_range.
+        # pairs of u8*s8 products in 16 bits and saturate; measured on the benchmark ResNet-50 on an AVX2
+        # host, NNCF's default (first layer only) lost top-1 agreement, all layers kept it at no cost in
+        # speed; on a VNNI host both are exact and equally fast (docs/compiler.md). A bundle does not know
+        # its CPU, so it takes the setting safe on both: the same trade as the x86 target's reduce_range.
         options={
             "device": "CPU",
             "min_openvino": "2024.4",
