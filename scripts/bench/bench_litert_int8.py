@@ -16,7 +16,7 @@ The model is the ResNet-50 trained on scikit-learn's digits (``scripts/models/tr
 built into ``.cache/bench/`` on first use, as for ``bench_ort_int8.py``), with its input fixed to
 1x3x224x224; digits are resized to 224 the way the training script resizes them to 112.
 
-    .venv/bin/python scripts/bench/bench_litert_int8.py            # ~15 minutes on 2 cores
+    .venv/bin/python scripts/bench/bench_litert_int8.py            # ~5 minutes on 2 AVX-512 cores (15 on AVX2)
     .venv/bin/python scripts/bench/bench_litert_int8.py --quick    # fewer samples and runs
     .venv/bin/python scripts/bench/bench_litert_int8.py --work DIR # reuse the conversions made in DIR
 """

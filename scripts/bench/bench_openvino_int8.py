@@ -21,7 +21,7 @@ Model: the ResNet-50 topology trained on scikit-learn's digits (``scripts/models
 built into ``.cache/bench/`` on first use, shared with ``bench_ort_int8.py``). Results:
 ``scripts/bench/results/openvino_int8.{json,md}``.
 
-    .venv/bin/python scripts/bench/bench_openvino_int8.py            # about 10 minutes on 2 cores
+    .venv/bin/python scripts/bench/bench_openvino_int8.py            # ~3 minutes on 2 AVX-512 cores (10 on AVX2)
     .venv/bin/python scripts/bench/bench_openvino_int8.py --quick    # fewer runs, for a smoke test
 """
 

@@ -13,7 +13,7 @@ The model is the ResNet-50 topology trained on scikit-learn's digits by
 ``scripts/models/train_resnet50_digits.py`` (PyTorch, in /work/venvs/train); it is built into
 ``.cache/bench/`` on first use. Results: ``scripts/bench/results/ort_int8.json`` and ``.md``.
 
-    .venv/bin/python scripts/bench/bench_ort_int8.py            # about 10 minutes on 2 cores
+    .venv/bin/python scripts/bench/bench_ort_int8.py            # ~2 minutes on 2 AVX-512 cores (10 on AVX2)
     .venv/bin/python scripts/bench/bench_ort_int8.py --quick    # fewer runs, for a smoke test
 """
 
@@ -150,7 +150,7 @@ def ensure_model(path: Path) -> Path:
             "python3 -m venv /work/venvs/train && /work/venvs/train/bin/pip install torch==2.13.0 onnx "
             "onnxscript scikit-learn numpy"
         )
-    log.info("building %s (trains a ResNet-50 on digits for ~15 minutes)", path)
+    log.info("building %s (trains a ResNet-50 on digits for up to 15 minutes; 3 on 2 AVX-512 cores)", path)
     subprocess.run(
         [str(TRAIN_PYTHON), str(REPO / "scripts" / "models" / "train_resnet50_digits.py"), "--out", str(path)],
         check=True,

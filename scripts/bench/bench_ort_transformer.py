@@ -15,7 +15,7 @@ Model: a pre-norm ViT (6 blocks, width 256, 4 heads, MLP 1024, 65 tokens) traine
 digits by ``scripts/models/train_vit_digits.py`` (PyTorch, in /work/venvs/train), built into
 ``.cache/bench/`` on first use. Results: ``scripts/bench/results/ort_transformer.{json,md}``.
 
-    .venv/bin/python scripts/bench/bench_ort_transformer.py            # about 3 minutes on 2 cores
+    .venv/bin/python scripts/bench/bench_ort_transformer.py            # ~1 minute, plus ~5 to train the model once
     .venv/bin/python scripts/bench/bench_ort_transformer.py --quick    # fewer runs, for a smoke test
 """
 
