@@ -21,6 +21,11 @@ Example ``agent.toml`` (``firmware-images/*/agent.toml`` ship one per device cla
     key = "/etc/edgepack/device.key"
     prefix = "edgepack"
 
+    [link]                               # how bundles come in over MQTT (all optional)
+    max_rate = "500k"                    # bytes/s of chunks taken in: a metered or shared uplink
+    stall_s = 5.0                        # no chunk for this long while some are missing: ask for them
+    session_expiry_s = 3600              # MQTT 5: the broker keeps the session across a disconnect
+
 Precedence: defaults < the TOML file < command-line flags.
 """
 
@@ -30,10 +35,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from edgepack.errors import ConfigError
 from edgepack.runtimes.base import RuntimeOptions
+from edgepack.units import parse_size
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -74,6 +80,42 @@ class BrokerSettings(_Section):
     max_buffered_events: int = Field(default=1000, ge=1)
 
 
+class LinkSettings(_Section):
+    """The MQTT link's tuning; the field names are :class:`edgepack.agent.link.LinkOptions`'s, and so are
+    the defaults (a test keeps the two in step)."""
+
+    stall_s: float = Field(default=5.0, gt=0)
+    need_max_s: float = Field(default=60.0, gt=0)
+    progress_interval_s: float = Field(default=0.5, gt=0)
+    max_rate: int | None = Field(default=None, ge=1024)  # bytes/s; "500k" and "2M" are read too
+    session_expiry_s: int = Field(default=3600, ge=0)
+    reconnect_min_s: int = Field(default=1, ge=1)
+    reconnect_max_s: int = Field(default=30, ge=1)
+    will_delay_s: int = Field(default=0, ge=0)
+    event_expiry_s: int = Field(default=86400, ge=1)
+    receive_maximum: int = Field(default=16, ge=1, le=65535)
+
+    @field_validator("max_rate", mode="before")
+    @classmethod
+    def _size(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            try:
+                return parse_size(value, "link.max_rate")
+            except ConfigError as exc:
+                raise ValueError(str(exc)) from exc
+        return value
+
+    @model_validator(mode="after")
+    def _backoff_order(self) -> LinkSettings:
+        if self.reconnect_max_s < self.reconnect_min_s:
+            raise ValueError(
+                f"reconnect_max_s ({self.reconnect_max_s}) is below reconnect_min_s ({self.reconnect_min_s})"
+            )
+        if self.need_max_s < self.stall_s:
+            raise ValueError(f"need_max_s ({self.need_max_s}) is below stall_s ({self.stall_s})")
+        return self
+
+
 class AgentConfig(_Section):
     device_id: str = Field(default="edge-device", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
     targets: list[str] | None = None
@@ -86,6 +128,7 @@ class AgentConfig(_Section):
     disk_quota_mb: float | None = Field(default=None, gt=0)
     runtime: RuntimeSettings = Field(default_factory=RuntimeSettings)
     broker: BrokerSettings = Field(default_factory=BrokerSettings)
+    link: LinkSettings = Field(default_factory=LinkSettings)
 
     @field_validator("listen")
     @classmethod

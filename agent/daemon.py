@@ -7,13 +7,14 @@ SIGINT/SIGTERM. A broker that is down, unreachable or not configured changes not
 about serving.
 
 Configuration comes from ``--config agent.toml`` (see ``agent/config.py``), and every setting can also be
-given as a flag (:class:`DaemonFlags`); flags win. Link tuning that is not part of the device's config file
-(``--max-rate``, ``--stall``) is passed as :class:`~edgepack.agent.link.LinkOptions`.
+given as a flag (:class:`DaemonFlags`); flags win. The link's tuning comes from the config's ``[link]``
+section (``--max-rate``, ``--stall``, ``--session-expiry`` override it) unless the caller passes its own
+:class:`~edgepack.agent.link.LinkOptions` (tests shorten the waits that way).
 
 Usage::
 
     config = daemon_config(Path("agent.toml"), DaemonFlags(device_id="cam-7", broker="mqtt://10.0.0.2"))
-    run(config, LinkOptions())
+    run(config)                          # link tuning from config.link
 """
 
 from __future__ import annotations
@@ -59,6 +60,9 @@ class DaemonFlags:
     protocol: str | None = None
     keepalive: int | None = None
     max_buffered_events: int | None = None
+    max_rate: str | None = None
+    stall_s: float | None = None
+    session_expiry_s: int | None = None
 
     def overrides(self) -> dict[str, Any]:
         return {
@@ -83,6 +87,9 @@ class DaemonFlags:
             "broker.protocol": self.protocol,
             "broker.keepalive": self.keepalive,
             "broker.max_buffered_events": self.max_buffered_events,
+            "link.max_rate": self.max_rate,
+            "link.stall_s": self.stall_s,
+            "link.session_expiry_s": self.session_expiry_s,
         }
 
 
@@ -105,6 +112,11 @@ def daemon_config(path: Path | None, flags: DaemonFlags) -> AgentConfig:
     return load_config(path, overrides)
 
 
+def link_options(config: AgentConfig) -> LinkOptions:
+    """The link's tuning as the config (file and flags) sets it."""
+    return LinkOptions(**config.link.model_dump())
+
+
 def run(config: AgentConfig, options: LinkOptions | None = None, *, stop: threading.Event | None = None) -> None:
     """Serve until SIGINT/SIGTERM (or ``stop`` is set); the MQTT link runs beside the API when configured.
 
@@ -122,7 +134,7 @@ def run(config: AgentConfig, options: LinkOptions | None = None, *, stop: thread
     link: AgentLink | None = None
     try:
         if config.broker.url:
-            link = AgentLink(agent, options)
+            link = AgentLink(agent, options or link_options(config))
             link.start()
             log.info(
                 "device %s: MQTT link to %s (prefix %s)", config.device_id, config.broker.url, config.broker.prefix

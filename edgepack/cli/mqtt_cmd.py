@@ -7,7 +7,6 @@
 from __future__ import annotations
 
 import json
-import re
 import uuid
 from datetime import timedelta
 from pathlib import Path
@@ -16,18 +15,7 @@ import typer
 from rich.table import Table
 
 from edgepack.cli.console import console, err_console
-from edgepack.errors import ConfigError
-
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kKmMgG]?)(?:i?[bB])?\s*$")
-
-
-def parse_size(text: str, what: str) -> int:
-    """``262144``, ``256k``, ``256KiB``, ``2M`` → bytes (k = 1024)."""
-    match = _SIZE.match(text)
-    if not match:
-        raise ConfigError(f"{what} {text!r} is not a size like 262144, 256k or 2M")
-    factor = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}[match.group(2).lower()]
-    return int(float(match.group(1)) * factor)
+from edgepack.units import parse_size
 
 
 def _agent_group(app: typer.Typer) -> typer.Typer:
@@ -78,12 +66,15 @@ def register(app: typer.Typer) -> None:
             None, "--max-buffered-events", help="Events kept while offline."
         ),
         max_rate: str | None = typer.Option(None, "--max-rate", help="Cap on chunk intake, bytes/s (e.g. 500k, 2M)."),
-        stall: float = typer.Option(5.0, "--stall", help="Seconds without a chunk before asking for missing ones."),
-        session_expiry: int = typer.Option(3600, "--session-expiry", help="MQTT 5 session expiry in seconds."),
+        stall: float | None = typer.Option(
+            None, "--stall", help="Seconds without a chunk before asking for missing ones (default 5)."
+        ),
+        session_expiry: int | None = typer.Option(
+            None, "--session-expiry", help="MQTT 5 session expiry in seconds (default 3600)."
+        ),
     ) -> None:
         """Run the device agent: local API from the store at once; commands and bundles over MQTT."""
         from edgepack.agent.daemon import DaemonFlags, daemon_config, run
-        from edgepack.agent.link import LinkOptions
 
         flags = DaemonFlags(
             device_id=device_id,
@@ -108,10 +99,8 @@ def register(app: typer.Typer) -> None:
             protocol=protocol,
             keepalive=keepalive,
             max_buffered_events=max_buffered_events,
-        )
-        options = LinkOptions(
+            max_rate=str(parse_size(max_rate, "--max-rate")) if max_rate else None,
             stall_s=stall,
-            max_rate=parse_size(max_rate, "--max-rate") if max_rate else None,
             session_expiry_s=session_expiry,
         )
         cfg = daemon_config(config, flags)
@@ -119,7 +108,7 @@ def register(app: typer.Typer) -> None:
             f"device [bold]{cfg.device_id}[/]: local API on http://{cfg.listen}, "
             f"broker {cfg.broker.url or '(none: offline)'}; Ctrl-C stops"
         )
-        run(cfg, options)
+        run(cfg)
 
     @app.command("deploy")
     def deploy_cmd(

@@ -10,7 +10,6 @@ import pytest
 
 from edgepack.agent.link import CommandBook
 from edgepack.agent.receiver import ChunkReceiver
-from edgepack.cli.mqtt_cmd import parse_size
 from edgepack.errors import (
     ChunkMismatchError,
     ConfigError,
@@ -41,6 +40,7 @@ from edgepack.protocol import (
     verify_command,
 )
 from edgepack.transfer import chunk_bundle
+from edgepack.units import parse_size
 from tests.mqtt.helpers import install_command, padded_bundle, rollback_command, signed
 
 ME = CommandTarget(device="cam-1")
