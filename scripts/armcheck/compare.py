@@ -179,12 +179,11 @@ def _against_host(run: BundleRun, host: BundleRun) -> Check:
 def _xnnpack(platform: PlatformRun, result: dict[str, Any]) -> Check:
     if not platform.xnnpack_logged:
         return Check(False, "LiteRT never logged 'Created TensorFlow Lite XNNPACK delegate for CPU' in this process")
-    delegation = result.get("delegation")
-    if delegation is None:
+    delegation = result.get("delegation") or {}
+    if delegation.get("delegate", "unknown") == "unknown":
         return Check(False, "delegate created, but the interpreter's nodes cannot be listed to see what it took")
     if delegation["delegate_nodes"] < 1:
-        return Check(False, f"delegate created but it took none of the graph's ops {delegation['ops']}")
+        return Check(False, f"delegate created but it took none of the graph's {delegation['model_ops']} op(s)")
     return Check(
-        True,
-        f"delegate created; {delegation['delegate_nodes']} delegate node(s) over {delegation['graph_nodes']} op(s)",
+        True, f"delegate created; {delegation['delegate_nodes']} delegate node(s) over {delegation['model_ops']} op(s)"
     )

@@ -35,8 +35,6 @@ from typing import Any
 
 log = logging.getLogger("armcheck.guest")
 
-XNNPACK_DELEGATE_OP = "DELEGATE"
-
 
 def main(argv: list[str]) -> int:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="guest %(relativeCreated)6.0f ms: %(message)s")
@@ -97,7 +95,7 @@ def _run_bundle(bundle: Path, trust_dir: Path, threads: int, work: Path, out: Pa
             report = evaluate_selftest(
                 recorder, extracted / manifest.selftest.vectors, manifest.selftest.atol, manifest.selftest.rtol
             )
-            delegation = _delegation(model)
+            delegation = model.describe()  # which delegate the loaded graph shows (LiteRT backend)
         finally:
             model.close()
     names = [spec.name for spec in model.outputs]
@@ -153,21 +151,6 @@ class _Recorder:
 
     def close(self) -> None:
         self._model.close()
-
-
-def _delegation(model: Any) -> dict[str, Any] | None:
-    """How many nodes of the LiteRT graph a delegate took over (XNNPACK is LiteRT's default delegate).
-
-    Reads the interpreter's node list (``_get_ops_details``: private, but stable across TF Lite and
-    LiteRT releases); None when the backend or the runtime no longer exposes it.
-    """
-    interpreter = getattr(model, "_interpreter", None)
-    details = getattr(interpreter, "_get_ops_details", None)
-    if details is None:
-        return None
-    ops = [op["op_name"] for op in details()]
-    delegated = sum(1 for op in ops if op == XNNPACK_DELEGATE_OP)
-    return {"delegate_nodes": delegated, "graph_nodes": len(ops) - delegated, "ops": ops}
 
 
 if __name__ == "__main__":

@@ -7,6 +7,8 @@ Two site folders go on the guest's ``sys.path``:
   keyed by a digest of the sources: rebuilt only when they change (a second or two); the newest few kept.
 * ``<cache>/site-<key>/``: every dependency of ``edgepack[agent-litert]`` (the agent plus LiteRT, what a
   device installs), each pinned to the version installed on this host, as aarch64 wheels.
+* ``<cache>/wheels/``: the downloaded wheels; after an install only the current pins' wheels stay (a
+  host upgrade would otherwise leave every older version behind).
 
 The wheels come from ``pip download --only-binary=:all: --platform … --python-version 3.11
 --implementation cp``. The platform tags run from ``manylinux2014``/``manylinux_2_17`` up to the root file
@@ -37,7 +39,7 @@ from importlib import metadata
 from pathlib import Path
 
 from packaging.requirements import Requirement
-from packaging.utils import canonicalize_name
+from packaging.utils import InvalidWheelFilename, canonicalize_name, parse_wheel_filename
 
 from armcheck import ArmCheckError
 
@@ -204,7 +206,26 @@ def _install_dependencies(cache: Path, deps: Path, pins: list[Pin], tags: list[s
         compileall.compile_dir(partial, quiet=2, workers=0, rx=TEST_FOLDERS)
     (partial / COMPLETE).write_text("\n".join(map(str, pins)) + "\n")
     partial.rename(deps)
+    prune_wheels(wheels, pins)
     log.info("aarch64 dependencies ready in %.1f s: %s", time.monotonic() - started, deps)
+
+
+def prune_wheels(wheels: Path, pins: Iterable[Pin]) -> list[Path]:
+    """Delete the wheels in ``wheels`` that are not one of ``pins`` (other versions, dropped packages);
+    returns what it deleted. Files that are not wheels are left alone."""
+    wanted = {(canonicalize_name(p.name), p.version) for p in pins}
+    removed = []
+    for path in sorted(wheels.glob("*.whl")):
+        try:
+            name, version, *_ = parse_wheel_filename(path.name)
+        except InvalidWheelFilename:
+            continue
+        if (name, str(version)) not in wanted:
+            path.unlink()
+            removed.append(path)
+    if removed:
+        log.info("removed %d wheel(s) of other versions from %s", len(removed), wheels)
+    return removed
 
 
 def _source_digest(repo: Path) -> str:

@@ -119,6 +119,23 @@ def test_platform_tags_reach_the_rootfs_glibc() -> None:
     assert "manylinux_2_37_aarch64" not in tags
 
 
+def test_wheels_of_other_versions_are_pruned(tmp_path) -> None:
+    from armcheck import wheels
+
+    names = [
+        "numpy-2.3.5-cp311-cp311-manylinux_2_27_aarch64.whl",  # a pin
+        "numpy-2.2.0-cp311-cp311-manylinux_2_17_aarch64.whl",  # an older version
+        "ml_dtypes-0.5.1-cp311-cp311-manylinux_2_27_aarch64.whl",  # a pin, spelled with "_"
+        "gone_package-1.0-py3-none-any.whl",  # no longer a dependency
+    ]
+    for name in [*names, "notes.txt"]:
+        (tmp_path / name).write_bytes(b"")
+    pins = [wheels.Pin("numpy", "2.3.5"), wheels.Pin("ml-dtypes", "0.5.1")]
+    removed = wheels.prune_wheels(tmp_path, pins)
+    assert sorted(p.name for p in removed) == sorted([names[1], names[3]])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([names[0], names[2], "notes.txt"])
+
+
 def test_device_pins_follow_the_host_versions_and_leave_edgepack_out() -> None:
     from importlib import metadata
 

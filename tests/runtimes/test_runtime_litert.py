@@ -38,6 +38,8 @@ def test_float_model_matches_reference_by_signature_names(fc_tflite) -> None:
     np.testing.assert_allclose(out["y"], _fc_reference(fc_tflite.weights, x), rtol=1e-5, atol=1e-5)
     info = model.describe()
     assert info["threads"] == 2 and info["quantized_inputs"] == []
+    # what the loaded graph shows: XNNPACK took the FULLY_CONNECTED over (one DELEGATE node)
+    assert (info["delegate"], info["delegate_nodes"], info["model_ops"]) == ("xnnpack", 1, 1)
     model.close()
     with pytest.raises(RuntimeBackendError, match="closed"):
         model.infer({"x": x})
