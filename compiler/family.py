@@ -71,7 +71,7 @@ from edgepack.compiler.accuracy_aware import KeptInFloat
 from edgepack.compiler.compare import AccuracyReport
 from edgepack.compiler.speed import median_ms
 from edgepack.datasets import Samples
-from edgepack.errors import RuntimeBackendError, UnsupportedModelError
+from edgepack.errors import ModelRunError, RuntimeBackendError, UnsupportedModelError
 from edgepack.manifest import TensorSpec
 from edgepack.runtimes.base import LoadedModel, RuntimeOptions, get_backend
 from edgepack.targets.registry import Precision, Target
@@ -276,7 +276,7 @@ def run_host_model(
             try:
                 results.append(loaded.infer(feed))
             except RuntimeBackendError as exc:
-                raise UnsupportedModelError(f"{model.runtime} cannot run the {what}: {exc}") from exc
+                raise ModelRunError(f"{model.runtime} cannot run the {what}: {exc}") from exc
             if on_sample is not None:
                 on_sample()
         return results

@@ -39,6 +39,7 @@ from edgepack.compiler.toolchain import find_toolchain
 from edgepack.errors import CompileError, ConfigError
 from edgepack.manifest import TensorSpec
 from edgepack.targets.registry import Precision, Target
+from edgepack.versions import installed_version
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +95,7 @@ class LiteRtConverter:
             model = outcome.model
             quantization = {
                 "precision": "int8",
-                "tool": f"ai-edge-quantizer {_version('ai-edge-quantizer')}",
+                "tool": f"ai-edge-quantizer {installed_version('ai-edge-quantizer')}",
                 "recipe": RECIPE,
                 "weights": "int8 symmetric, per channel",
                 "activations": "int8 asymmetric, per tensor (MinMax calibration)",
@@ -127,7 +128,10 @@ class LiteRtConverter:
         return host_latency_ms(model, model.inputs, model.outputs, feed, threads=threads, budget_s=budget_s)
 
     def toolchain(self) -> dict[str, str]:
-        versions = {"ai-edge-litert": _version("ai-edge-litert"), "ai-edge-quantizer": _version("ai-edge-quantizer")}
+        versions = {
+            "ai-edge-litert": installed_version("ai-edge-litert"),
+            "ai-edge-quantizer": installed_version("ai-edge-quantizer"),
+        }
         chain = find_toolchain("tflite")
         if chain is not None:
             versions.update({f"tflite-toolchain/{k}": v for k, v in chain.key_versions().items()})
@@ -242,15 +246,6 @@ def _compiled(target: Target, host: HostModel, base: FloatTflite, quantization: 
         runtime_version=target.family.runtime_version(target, opset=0),
         quantization=quantization,
     )
-
-
-def _version(distribution: str) -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version(distribution)
-    except PackageNotFoundError:
-        return "not installed"
 
 
 CONVERTER = LiteRtConverter()

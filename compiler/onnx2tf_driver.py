@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import resource
 import sys
 import time
@@ -56,6 +57,10 @@ def main(request_path: str) -> int:
             # (measured: a Relu output feeding Flatten and also a graph output).
             "output_signaturedefs": True,
             "not_use_opname_auto_generate": True,  # edgepack names every node itself
+            # TFLite has no builtin Erf: onnx2tf's tf.math.erf becomes a TensorFlow (Flex) op, which LiteRT
+            # cannot run. Its "pseudo" Erf is Abramowitz-Stegun 7.1.26 in builtin ops (|error| < 1.5e-7);
+            # the exact GELU pattern still becomes TFLite's own GELU. (The API wants lower-case names.)
+            "replace_to_pseudo_operators": ["erf"],
             "non_verbose": False,
             "verbosity": "info",
         }
@@ -76,6 +81,7 @@ def main(request_path: str) -> int:
         result["error_type"] = type(exc).__name__
         result["error"] = str(exc)[-2000:]
         result["node"] = getattr(exc, "onnx_op_name", None)
+        result["not_builtin_ops"] = getattr(exc, "ops", None)
         result["traceback"] = traceback.format_exc()[-6000:]
     result["seconds"] = round(time.perf_counter() - start, 3)
     result["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
@@ -117,6 +123,14 @@ def _keras_float_conversions_skipped() -> Iterator[None]:
             getattr(lite, name).convert = original
 
 
+class NotBuiltinError(Exception):
+    """The converted graph needs TensorFlow ops that TFLite's builtin op set lacks."""
+
+    def __init__(self, ops: list[str], details: str) -> None:
+        super().__init__(f"TensorFlow ops with no TFLite builtin: {', '.join(ops)}; {details[-1500:]}")
+        self.ops = ops
+
+
 def _write_float_tflite(output_dir: str, keras_model: Any) -> str:
     """Write ``model_float32.tflite`` (builtin ops, TF ops where needed, as onnx2tf sets them) and drop
     the empty files onnx2tf wrote; says which route made it."""
@@ -126,18 +140,24 @@ def _write_float_tflite(output_dir: str, keras_model: Any) -> str:
         path = os.path.join(output_dir, name)
         if name.endswith(".tflite") and os.path.getsize(path) == 0:
             os.remove(path)
-    ops = [tf.lite.OpsSet.TFLITE_BUILTINS, tf.lite.OpsSet.SELECT_TF_OPS]
+    # Builtin ops only (onnx2tf also allows TensorFlow "Flex" ops): LiteRT, the devices' runtime, has no
+    # Flex delegate, so a model that needs one must fail here, naming the ops, not on the device.
+    ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
     route = "saved_model"
     try:
-        converter = tf.lite.TFLiteConverter.from_saved_model(output_dir, signature_keys=["serving_default"])
+        try:
+            converter = tf.lite.TFLiteConverter.from_saved_model(output_dir, signature_keys=["serving_default"])
+        except (OSError, ValueError, KeyError, RuntimeError) as exc:  # no usable saved model: onnx2tf's route
+            print(f"edgepack: no saved model to convert ({exc}); converting the Keras model", flush=True)
+            route = "keras_model"
+            converter = tf.lite.TFLiteConverter.from_keras_model(keras_model)
         converter.target_spec.supported_ops = ops
         flatbuffer = converter.convert()
-    except (OSError, ValueError, KeyError, RuntimeError) as exc:  # no usable saved model: onnx2tf's own route
-        print(f"edgepack: no saved model to convert ({exc}); converting the Keras model", flush=True)
-        route = "keras_model"
-        converter = tf.lite.TFLiteConverter.from_keras_model(keras_model)
-        converter.target_spec.supported_ops = ops
-        flatbuffer = converter.convert()
+    except Exception as exc:
+        flex = sorted(set(re.findall(r"\btf\.([A-Za-z0-9_]+)\(", str(exc))))
+        if flex:
+            raise NotBuiltinError(flex, str(exc)) from exc
+        raise
     with open(os.path.join(output_dir, FLOAT_TFLITE), "wb") as fh:
         fh.write(flatbuffer)
     print(f"edgepack: {FLOAT_TFLITE} written from the {route}", flush=True)

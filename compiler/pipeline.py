@@ -69,7 +69,7 @@ from edgepack.compiler.progress import Progress
 from edgepack.compiler.runner import CPU_PLAN
 from edgepack.compiler.selftest_vectors import write_selftest
 from edgepack.datasets import SampleSource, load_samples
-from edgepack.errors import AccuracyError, ConfigError, QuantizerError
+from edgepack.errors import AccuracyError, ConfigError, ModelRunError, QuantizerError
 from edgepack.manifest import Manifest, RuntimeRequirement
 from edgepack.targets.registry import Precision, Target, get_target
 
@@ -222,12 +222,13 @@ def compile_model(request: CompileRequest, progress: Progress | None = None) -> 
                 job = ConvertJob(target, precision, float_model, calibration, evaluate, tmp, step.detail)
                 try:
                     conversion = converter.convert(job)
-                except QuantizerError as exc:
+                except (QuantizerError, ModelRunError) as exc:
                     if index == len(chain) - 1:
                         raise
-                    # auto: the quantizer crashing on this model is one more reason to fall back to float
+                    # auto: the quantizer crashing, or its result not running, is one more reason to fall back
                     log.warning("%s; trying %s", exc, chain[index + 1])
-                    step.detail(f"the quantizer failed; trying {chain[index + 1]}")
+                    failed = "the quantizer failed" if isinstance(exc, QuantizerError) else "the result does not run"
+                    step.detail(f"{failed}; trying {chain[index + 1]}")
                     conversion = Conversion(precision, None, None, failure=str(exc))
                 conversions.append(conversion)
                 verdict = "passes" if conversion.passed else "fails the bar"
@@ -247,6 +248,14 @@ def compile_model(request: CompileRequest, progress: Progress | None = None) -> 
             with _timed(progress, "measure speed vs fp32", timings) as step:
                 speed = _speed(converter, chosen.baseline, compiled.host, evaluation.feeds[0])
                 step.detail(f"{speed['speedup_1_thread']:.2f}x faster than fp32 (1 thread, this CPU)")
+            if speed["speedup_1_thread"] is not None and speed["speedup_1_thread"] < 1.0:
+                # kept, as asked (auto falls back only for accuracy), but said: a user after speed should know
+                kept = f", {len(chosen.nodes_in_float)} node(s) kept in float" if chosen.nodes_in_float else ""
+                speed["warning"] = (
+                    f"{precision} runs slower than fp32 on this host ({speed['speedup_1_thread']:.2f}x, 1 thread"
+                    f"{kept}); if speed matters more than size, compile with --precision fp32"
+                )
+                log.warning("%s", speed["warning"])
 
         with _timed(progress, "self-test vectors", timings) as step:
             n = min(request.selftest_samples, len(evaluation))

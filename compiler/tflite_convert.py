@@ -49,6 +49,7 @@ from edgepack.compiler.toolchain import Toolchain, ensure_toolchain
 from edgepack.errors import ConversionError, UnsupportedModelError
 from edgepack.manifest import TensorSpec
 from edgepack.runtimes.tensors import permute_shape, transpose_layout
+from edgepack.versions import installed_version
 
 log = logging.getLogger(__name__)
 
@@ -363,15 +364,21 @@ def _tflite_outputs(tflite: Path, inputs: list[_Match], feed: Mapping[str, np.nd
             array = transpose_layout(array, *match.layout)
         if tuple(details[match.tensor.index]["shape"]) != array.shape:
             interpreter.resize_tensor_input(match.tensor.index, list(array.shape), strict=False)
-    interpreter.allocate_tensors()
-    for match in inputs:
-        array = np.asarray(feed[match.spec.name])
-        if match.layout:
-            array = transpose_layout(array, *match.layout)
-        interpreter.set_tensor(
-            match.tensor.index, np.ascontiguousarray(array.astype(details[match.tensor.index]["dtype"]))
-        )
-    interpreter.invoke()
+    try:
+        interpreter.allocate_tensors()
+        for match in inputs:
+            array = np.asarray(feed[match.spec.name])
+            if match.layout:
+                array = transpose_layout(array, *match.layout)
+            interpreter.set_tensor(
+                match.tensor.index, np.ascontiguousarray(array.astype(details[match.tensor.index]["dtype"]))
+            )
+        interpreter.invoke()
+    except (RuntimeError, ValueError) as exc:  # e.g. a custom op this LiteRT has no kernel for
+        raise UnsupportedModelError(
+            f"onnx2tf's TFLite model does not run on LiteRT {installed_version('ai-edge-litert')}: {exc}; compile for a target "
+            "whose runtime runs ONNX (e.g. x86), or replace the op it names"
+        ) from exc
     return {int(d["index"]): np.array(interpreter.get_tensor(d["index"])) for d in interpreter.get_output_details()}
 
 
@@ -475,6 +482,16 @@ def _read_result(path: Path, returncode: int, log_path: Path, onnx_path: Path) -
 def _conversion_error(result: Mapping[str, Any], proto: onnx.ModelProto, log_path: Path) -> Exception:
     lines = [line.strip() for line in str(result.get("error") or "").splitlines() if line.strip()]
     message = " / ".join(lines[:2])[:400] or str(result.get("error_type") or "unknown error")
+    not_builtin = result.get("not_builtin_ops")
+    if not_builtin:
+        wanted = {str(op).lower() for op in not_builtin}
+        nodes = [f"{n.name!r} (op {n.op_type})" for n in proto.graph.node if n.op_type.lower() in wanted]
+        where = f" — from ONNX node(s) {', '.join(nodes[:8])}" if nodes else ""
+        return UnsupportedModelError(
+            f"converted to TFLite, the model needs TensorFlow op(s) {', '.join(map(str, not_builtin))} that have "
+            f"no TFLite builtin and that LiteRT cannot run (no Flex delegate on the devices){where}. Replace "
+            f"that op in the model, or compile for a target whose runtime runs ONNX (e.g. x86); log: {log_path}"
+        )
     node_name = result.get("node")
     if node_name:
         node = _find_node(proto, str(node_name))

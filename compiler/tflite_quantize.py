@@ -48,9 +48,10 @@ import numpy as np
 from edgepack.compiler.accuracy_aware import KeptInFloat
 from edgepack.compiler.compare import AccuracyReport
 from edgepack.compiler.tflite_graph import TfliteInfo, describe
-from edgepack.errors import CompileError, EdgepackError, QuantizerError
+from edgepack.errors import CompileError, EdgepackError, ModelRunError, QuantizerError
 from edgepack.manifest import TensorSpec
 from edgepack.runtimes.tensors import layout_change, transpose_layout
+from edgepack.versions import installed_version
 
 log = logging.getLogger(__name__)
 
@@ -185,10 +186,8 @@ def _quantizer_failures(float_model: Path) -> Iterator[None]:
     except EdgepackError:
         raise
     except Exception as exc:
-        from importlib.metadata import version
-
         raise QuantizerError(
-            f"ai-edge-quantizer {version('ai-edge-quantizer')} cannot quantize this model to int8: "
+            f"ai-edge-quantizer {installed_version('ai-edge-quantizer')} cannot quantize this model to int8: "
             f"{type(exc).__name__}: {exc}; compile with --precision fp32"
         ) from exc
 
@@ -228,7 +227,18 @@ def search_int8(
         keep = [n for k in kept for n in k.nodes]
         path = Path(workdir) / f"int8-step{step}.tflite"
         model = calibrator.quantize(path, keep)
-        report = evaluate(path)
+        try:
+            report = evaluate(path)
+        except ModelRunError as exc:  # an int8 kernel refused to run: keep that op in float, if we can tell
+            island = _failing_island(float_model, path, str(exc), candidates) if step < max_steps else ()
+            tries.append({"step": step, "nodes_in_float": len(keep), "passed": False, "error": str(exc)[-400:]})
+            fresh = tuple(o for o in island if o not in keep)
+            if not fresh:
+                raise
+            if on_try:
+                on_try(f"int8 step {step}: does not run; keeping {fresh[0]!r} in float")
+            kept.append(KeptInFloat(fresh, f"fails to run in int8 on LiteRT: {_kernel_message(str(exc))}", step + 1))
+            continue
         tries.append(
             {
                 "step": step,
@@ -253,6 +263,38 @@ def search_int8(
         for e in fresh:
             kept.append(KeptInFloat(tuple(o for o in e.ops if o not in keep), e.reason(), step + 1))
     return TfliteInt8Outcome(None, report, kept, tries)
+
+
+_FAILED_NODE = re.compile(r"Node number (\d+) \((\w+)\) failed")
+
+
+def _failing_island(float_model: Path, int8_model: Path, message: str, candidates: set[str]) -> tuple[str, ...]:
+    """The ops to keep in float so the op LiteRT names in ``message`` ("Node number 68 (DIV) failed to
+    invoke") runs in float: empty when the message names none, or an op that is not quantizable."""
+    match = _FAILED_NODE.search(message)
+    ops = describe(int8_model).ops
+    if match is None or int(match.group(1)) >= len(ops):
+        return ()
+    op = ops[int(match.group(1))]
+    if op.op != match.group(2) or not op.outputs or op.outputs[0] not in candidates:
+        return ()
+    # the op and what reads its output, and what feeds it: a kernel refuses an int8 *input* (DIV: a divisor
+    # quantized to zero), so the tensors going in stay float too (for DIV the divisor only)
+    structure = describe(float_model)
+    feeding = next((o.inputs for o in structure.ops if o.outputs and o.outputs[0] == op.outputs[0]), ())
+    if op.op == "DIV":
+        feeding = feeding[1:]
+    island = list(_float_island(structure, op.outputs[0]))
+    for tensor in feeding:
+        if tensor in candidates:
+            island += [o for o in _float_island(structure, tensor) if o not in island]
+    return tuple(island)
+
+
+def _kernel_message(message: str) -> str:
+    """The kernel's own complaint ("div.cc:262 data[i] != zero_point was not true. Node number 68 (DIV) ...")."""
+    tail = message.rsplit("LiteRT failed to run the model:", 1)[-1].strip()
+    return " ".join(tail.split())[:200]
 
 
 # --- per-op error analysis -------------------------------------------------------------------------

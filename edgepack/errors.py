@@ -156,6 +156,13 @@ class UnsupportedModelError(CompileError):
     """The model uses an op or a shape the target cannot run."""
 
 
+class ModelRunError(UnsupportedModelError):
+    """The target's runtime failed to run a compiled candidate on this host (a kernel refused it).
+
+    Like :class:`QuantizerError`, under ``--precision auto`` an int8 or fp16 candidate that cannot run
+    is recorded and the compile goes on to the next precision."""
+
+
 class QuantizerError(UnsupportedModelError):
     """The int8 quantizer itself (onnxruntime's tooling, NNCF, ai-edge-quantizer) failed on this model.
 

@@ -144,8 +144,11 @@ def _print_result(result: CompileResult) -> None:
             f"speed on this host: fp32 {s['fp32_ms']:.3f} ms, {result.precision} {s['compiled_ms']:.3f} ms "
             f"-> {s['speedup_1_thread']:.2f}x (1 thread)"
         )
+        if s.get("warning"):
+            console.print(f"[yellow]warning: {s['warning']}[/]", highlight=False)
     for attempt in result.attempts[:-1]:
-        console.print(f"[yellow]tried {attempt['precision']} first: it failed the bar[/]")
+        why = attempt.get("rejected") or attempt.get("error") or "it failed the bar"
+        console.print(f"[yellow]tried {attempt['precision']} first: {why}[/]", highlight=False)
 
 
 @contextmanager

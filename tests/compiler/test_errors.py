@@ -169,3 +169,31 @@ def test_a_crashing_quantizer_is_the_error_when_int8_was_asked_for(
         "RuntimeError: calibration blew up inside the tool",
         "--precision fp32",
     )
+
+
+def test_an_int8_model_slower_than_fp32_is_kept_with_a_warning(
+    tmp_path: Path, digits: Digits, signing: Signing, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """auto falls back for accuracy only (the issue's rule; a timing on a shared machine must not decide what
+    a compile produces), but a user after speed is told. The timing itself is faked."""
+    from typer.testing import CliRunner
+
+    from edgepack.cli import app
+    from edgepack.compiler import pipeline
+
+    def slow(*_args: object) -> dict[str, object]:
+        return {"fp32_ms": 1.0, "compiled_ms": 2.0, "speedup_1_thread": 0.5, "runtime": "onnxruntime"}
+
+    monkeypatch.setattr(pipeline, "_speed", slow)
+    result = compile_model(_request(tmp_path, digits, signing, validation=digits.validation))
+    assert result.precision == "int8" and result.speed is not None
+    assert "int8 runs slower than fp32 on this host (0.50x" in result.speed["warning"]
+    assert "--precision fp32" in result.speed["warning"]
+    assert result.manifest.quantization["speed"]["warning"] == result.speed["warning"]
+    printed = CliRunner().invoke(
+        app,
+        ["compile", str(SAMPLE_MODEL), "--target", "x86", "--calibration", str(digits.calibration),
+         "--key", str(signing.key_file), "-o", str(tmp_path / "cli.epk")],
+    )  # fmt: skip
+    assert printed.exit_code == 0, printed.output
+    assert "warning: int8 runs slower than fp32" in " ".join(printed.output.split())

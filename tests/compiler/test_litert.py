@@ -270,6 +270,56 @@ def test_an_op_onnx2tf_cannot_convert_is_named_with_its_node(tflite_toolchain: T
     assert kept_log.is_file() and "CastLike" in kept_log.read_text()  # kept after the temporary folder goes
 
 
+def _unary_model(path: Path, op: str) -> onnx.ModelProto:
+    """x [1, 16] -> OP -> Mul by 1.5 -> y, named "the_op" and "scale"."""
+    nodes = [
+        helper.make_node(op, ["x"], ["t"], name="the_op"),
+        helper.make_node("Mul", ["t", "k"], ["y"], name="scale"),
+    ]
+    graph = helper.make_graph(
+        nodes, "unary", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 16])],
+        [numpy_helper.from_array(np.array([1.5], np.float32), "k")],
+    )  # fmt: skip
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    onnx.save(proto, str(path))
+    return proto
+
+
+def test_erf_converts_to_builtin_ops_that_litert_runs(tflite_toolchain: Toolchain, tmp_path: Path) -> None:  # noqa: F811
+    """TFLite has no builtin Erf (GELU in transformers): onnx2tf's TensorFlow Erf would need the Flex delegate,
+    which LiteRT lacks. The converter asks onnx2tf for its builtin-op Erf, exact to ~1e-7."""
+    import onnxruntime as ort
+
+    proto = _unary_model(tmp_path / "erf.onnx", "Erf")
+    x = np.linspace(-4, 4, 16, dtype=np.float32)[None, :]
+    converted = convert_onnx(
+        tmp_path / "erf.onnx", tmp_path / "work", inputs=tensor_specs(proto, "input"),
+        outputs=tensor_specs(proto, "output"), samples=[{"x": x}], toolchain=tflite_toolchain,
+    )  # fmt: skip
+    ops = describe(converted.path).op_counts()
+    assert "CUSTOM" not in ops and not any(op.startswith("Flex") for op in ops), ops  # builtins only
+    model = _litert(converted.path, (converted.inputs, converted.outputs))
+    try:
+        got = model.infer({"x": x})["y"]
+    finally:
+        model.close()
+    expected = ort.InferenceSession(str(tmp_path / "erf.onnx")).run(None, {"x": x})[0]
+    np.testing.assert_allclose(got, expected, atol=1e-6)
+
+
+def test_an_op_with_no_tflite_builtin_is_refused_naming_op_and_node(
+    tflite_toolchain: Toolchain,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    proto = _unary_model(tmp_path / "tan.onnx", "Tan")
+    with pytest.raises(UnsupportedModelError, match=r"TensorFlow op\(s\) Tan .* node\(s\) 'the_op' \(op Tan\)"):
+        convert_onnx(
+            tmp_path / "tan.onnx", tmp_path / "work", inputs=tensor_specs(proto, "input"),
+            outputs=tensor_specs(proto, "output"), toolchain=tflite_toolchain,
+        )  # fmt: skip
+
+
 def test_a_custom_domain_op_is_refused_at_load_naming_node_and_op(
     digits: Digits, signing: Signing, tmp_path: Path
 ) -> None:
@@ -335,6 +385,48 @@ def test_ai_edge_quantizer_crashing_under_auto_falls_back_to_fp32(
     with pytest.raises(QuantizerError, match="ai-edge-quantizer .* cannot quantize this model to int8: KeyError"):
         compile_model(replace(request, precision="int8", output=tmp_path / "fc-int8.epk"))
     assert not (tmp_path / "fc-int8.epk").exists()
+
+
+def test_an_int8_kernel_that_refuses_to_run_gets_its_op_kept_in_float(
+    tflite_toolchain: Toolchain,  # noqa: F811
+    signing: Signing,
+    tmp_path: Path,
+) -> None:
+    """y = h * h / (|h| + eps), h = x @ w, calibrated on samples that include zeros: the int8 divisor
+    quantizes to its zero point and LiteRT's DIV kernel refuses to run. The search keeps the DIV and its
+    divisor's producer in float instead of failing the compile."""
+    rng = np.random.default_rng(0)
+    nodes = [
+        helper.make_node("MatMul", ["x", "w"], ["h"], name="fc"),
+        helper.make_node("Abs", ["h"], ["a"], name="abs"),
+        helper.make_node("Add", ["a", "eps"], ["d"], name="add_eps"),
+        helper.make_node("Div", ["h", "d"], ["s"], name="sign_div"),
+        helper.make_node("Mul", ["s", "h"], ["y"], name="mul"),
+    ]
+    graph = helper.make_graph(
+        nodes, "divides", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 16])],
+        [numpy_helper.from_array((rng.normal(size=(16, 16)) / 4).astype(np.float32), "w"),
+         numpy_helper.from_array(np.array([1e-3], np.float32), "eps")],
+    )  # fmt: skip
+    onnx.save(
+        helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), str(tmp_path / "m.onnx")
+    )
+    x = rng.normal(size=(64, 16)).astype(np.float32)
+    x[::4] = 0.0
+    np.savez(tmp_path / "calib.npz", x=x)
+    result = compile_model(
+        CompileRequest(
+            model=tmp_path / "m.onnx", target="rpi4", precision="int8", calibration=tmp_path / "calib.npz",
+            keys=[signing.key_file], output=tmp_path / "m.epk", max_accuracy_drop=5.0,
+        )
+    )  # fmt: skip
+    tries = result.attempts[0]["tries"]
+    assert "Node number" in tries[0]["error"] and "(DIV) failed to invoke" in tries[0]["error"]
+    assert result.precision == "int8" and tries[-1]["passed"]
+    kept = result.kept_in_float[0]
+    assert kept.reason.startswith("fails to run in int8 on LiteRT") and any("truediv" in n for n in kept.nodes)
+    assert verify_bundle(result.output, signing.trust).quantization["full_integer"] is False
 
 
 def test_an_int8_tflite_model_is_packaged_as_given(signing: Signing, tmp_path: Path) -> None:
