@@ -43,6 +43,7 @@ from typing import Any
 import numpy as np
 import onnx
 
+from edgepack.compiler.gelu_fusion import fuse_exact_gelu
 from edgepack.compiler.node_errors import name_nodes
 from edgepack.compiler.tflite_graph import TfliteTensor, describe, rewrite_io
 from edgepack.compiler.toolchain import Toolchain, ensure_toolchain
@@ -124,6 +125,9 @@ def convert_onnx(
     work.mkdir(parents=True)
     proto = onnx.load(str(onnx_path))
     name_nodes(proto)  # every node named: onnx2tf reports a failing node by name
+    proto, gelus = fuse_exact_gelu(proto)  # TFLite's GELU op, not an int8-hostile pseudo Erf
+    if gelus and on_progress:
+        on_progress(f"{gelus} GELU subgraph(s) fused for TFLite's GELU op")
     _fit_ir_version(proto)
     model_copy = work / "model.onnx"
     onnx.save(proto, str(model_copy))

@@ -308,6 +308,29 @@ def test_erf_converts_to_builtin_ops_that_litert_runs(tflite_toolchain: Toolchai
     np.testing.assert_allclose(got, expected, atol=1e-6)
 
 
+def test_an_exact_gelu_reaches_tflite_as_its_gelu_op(tflite_toolchain: Toolchain, tmp_path: Path) -> None:  # noqa: F811
+    """A transformer's GELU (Div, Erf, Add, Mul, Mul) becomes TFLite's GELU, not onnx2tf's pseudo Erf."""
+    import onnxruntime as ort
+
+    from .test_gelu_fusion import _gelu_model
+
+    proto = _gelu_model()
+    onnx.save(proto, str(tmp_path / "gelu.onnx"))
+    x = np.random.default_rng(2).normal(size=(1, 8)).astype(np.float32)
+    converted = convert_onnx(
+        tmp_path / "gelu.onnx", tmp_path / "work", inputs=tensor_specs(proto, "input"),
+        outputs=tensor_specs(proto, "output"), samples=[{"x": x}], toolchain=tflite_toolchain,
+    )  # fmt: skip
+    ops = describe(converted.path).op_counts()
+    assert ops.get("GELU") == 1 and "EXP" not in ops and "ABS" not in ops, ops
+    model = _litert(converted.path, (converted.inputs, converted.outputs))
+    try:
+        got = model.infer({"x": x})["y"]
+    finally:
+        model.close()
+    np.testing.assert_allclose(got, ort.InferenceSession(str(tmp_path / "gelu.onnx")).run(None, {"x": x})[0], atol=1e-5)
+
+
 def test_an_op_with_no_tflite_builtin_is_refused_naming_op_and_node(
     tflite_toolchain: Toolchain,  # noqa: F811
     tmp_path: Path,
