@@ -13,6 +13,11 @@
    and publishing the command again after a reconnect (a restarted broker has lost it). The members of a
    group are the devices whose retained state lists the group.
 
+``edgepack serve-bundles BUNDLE… --broker URL`` runs :func:`serve_bundles`: step 3's answering of ``need``
+events on its own, for as long as it runs, so devices still fetching when the broker loses its retained
+messages are served after the ``deploy`` has returned. (It has no commands to publish again: a device
+that never got its command needs the ``deploy`` again.)
+
 The fleet rollout (waves, gates) builds on :class:`Deployer`.
 """
 
@@ -226,6 +231,10 @@ class Deployer:
         self.observer.uploaded(chunked, seconds)
         return seconds
 
+    def offer(self, chunked: ChunkedBundle) -> None:
+        """Answer devices' ``need`` events for ``chunked`` from now on, without publishing it."""
+        self._bundles[chunked.bundle] = chunked
+
     def send(self, signed: SignedCommand, *, expiry_s: int | None = None, timeout: float = 30.0) -> None:
         """Publish a signed command, retained, on its device's or group's command topic."""
         with self._lock:
@@ -324,8 +333,13 @@ class Deployer:
             log.info("ignoring a malformed message on %s: %s", message.topic, exc)
 
     def _on_event(self, event: Any) -> None:
-        if isinstance(event, NeedEvent) and event.bundle in self._bundles:
-            self._needs.put(event)
+        if isinstance(event, NeedEvent):
+            if event.bundle in self._bundles:
+                self._needs.put(event)
+            else:
+                log.debug(
+                    "device %s needs bundle %s…, which this operator does not have", event.device, event.bundle[:12]
+                )
         with self._changed:
             following = self._following.get(event.command_id or "")
             if following is None:
@@ -455,3 +469,38 @@ def deploy(
             return report
     finally:
         observer.close()
+
+
+def serve_bundles(
+    bundles: Iterable[Path],
+    *,
+    options: MqttOptions,
+    prefix: str = "edgepack",
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    publish: bool = False,
+    stop: threading.Event,
+    observer: DeployObserver | None = None,
+    connect_timeout: float = 10.0,
+) -> list[ChunkedBundle]:
+    """Answer devices' ``need`` events for ``bundles`` until ``stop`` is set: a bundle server that outlives
+    the ``deploy`` that shipped them, for brokers that lose retained messages (restarted without persistence,
+    or expiring them) while devices are still fetching.
+
+    ``chunk_size`` must be the one the bundles were deployed with: a need names chunk positions in that
+    index (a device checks every chunk's hash, so a mismatch is refused there, never installed). With
+    ``publish`` the index and chunks are published again, retained, at start.
+    """
+    chunked = [chunk_bundle(Path(b), chunk_size) for b in bundles]
+    if not chunked:
+        raise ConfigError("serve-bundles needs at least one bundle file")
+    with Deployer(options, Topics(prefix), observer) as deployer:
+        deployer.client.wait_connected(connect_timeout)
+        for c in chunked:
+            if publish:
+                deployer.publish_bundle(c)
+            else:
+                deployer.offer(c)
+            log.info("serving %s %s (bundle %s…, %d chunks)", c.manifest.name, c.manifest.version, c.bundle[:12],
+                     len(c.index.chunks))  # fmt: skip
+        stop.wait()
+    return chunked

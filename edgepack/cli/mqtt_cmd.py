@@ -1,4 +1,5 @@
-"""MQTT delivery commands: ``agent run`` (the device daemon), ``deploy`` (the operator) and ``broker``.
+"""MQTT delivery commands: ``agent run`` (the device daemon), ``deploy`` and ``serve-bundles`` (the operator)
+and ``broker``.
 
 ``agent run`` joins the ``agent`` group that ``agent_cmd`` registers (found through
 ``app.registered_groups``). Heavy imports happen inside the commands.
@@ -10,12 +11,46 @@ import json
 import uuid
 from datetime import timedelta
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 from rich.table import Table
 
 from edgepack.cli.console import console, err_console
 from edgepack.units import parse_size
+
+if TYPE_CHECKING:
+    from edgepack.mqtt import MqttOptions
+
+
+# options the operator and device commands share
+BROKER = typer.Option(..., "--broker", envvar="EDGEPACK_BROKER", help="mqtt://HOST[:PORT] or mqtts://…")
+PREFIX = typer.Option("edgepack", "--prefix", help="Topic prefix.")
+PROTOCOL = typer.Option("auto", "--protocol", help="auto (MQTT 5, else 3.1.1), 3.1.1 or 5.")
+CA = typer.Option(None, "--ca", help="CA certificate for mqtts://.")
+CERT = typer.Option(None, "--cert", help="Client certificate for mqtts://.")
+TLS_KEY = typer.Option(None, "--tls-key", help="Client certificate's private key.")
+USERNAME = typer.Option(None, "--username", help="Broker user name.")
+PASSWORD = typer.Option(None, "--password", envvar="EDGEPACK_BROKER_PASSWORD", help="Broker password.")
+
+
+def _operator_options(
+    broker: str,
+    role: str,
+    protocol: str,
+    ca: Path | None,
+    cert: Path | None,
+    tls_key: Path | None,
+    username: str | None,
+    password: str | None,
+) -> MqttOptions:
+    """The MQTT options of an operator command (a fresh client id per run: two runs never kick each other off)."""
+    from edgepack.mqtt import MqttOptions
+
+    return MqttOptions(
+        url=broker, client_id=f"edgepack-{role}-{uuid.uuid4().hex[:8]}", protocol=protocol, ca=ca, cert=cert,
+        key=tls_key, username=username, password=password,
+    )  # fmt: skip
 
 
 def _agent_group(app: typer.Typer) -> typer.Typer:
@@ -52,13 +87,11 @@ def register(app: typer.Typer) -> None:
         max_body_mb: float | None = typer.Option(None, "--max-body-mb", help="Largest local API request body."),
         disk_quota_mb: float | None = typer.Option(None, "--disk-quota-mb", help="Refuse transfers beyond this."),
         broker: str | None = typer.Option(None, "--broker", help="mqtt://HOST[:PORT] or mqtts://HOST[:PORT]."),
-        ca: Path | None = typer.Option(None, "--ca", help="CA certificate for mqtts://."),
-        cert: Path | None = typer.Option(None, "--cert", help="Client certificate for mqtts://."),
+        ca: Path | None = CA,
+        cert: Path | None = CERT,
         key: Path | None = typer.Option(None, "--key", help="Client certificate's private key."),
-        username: str | None = typer.Option(None, "--username", help="Broker user name."),
-        password: str | None = typer.Option(
-            None, "--password", envvar="EDGEPACK_BROKER_PASSWORD", help="Broker password."
-        ),
+        username: str | None = USERNAME,
+        password: str | None = PASSWORD,
         prefix: str | None = typer.Option(None, "--prefix", help="Topic prefix (default edgepack)."),
         protocol: str | None = typer.Option(None, "--protocol", help="auto (MQTT 5, else 3.1.1), 3.1.1 or 5."),
         keepalive: int | None = typer.Option(None, "--keepalive", help="MQTT keepalive in seconds."),
@@ -115,7 +148,7 @@ def register(app: typer.Typer) -> None:
         bundle: Path = typer.Argument(..., exists=True, dir_okay=False, help="Bundle (.epk) to deploy."),
         device: str | None = typer.Option(None, "--device", help="Deploy to this device."),
         group: str | None = typer.Option(None, "--group", help="Deploy to this group (a label: NAME or KEY=VALUE)."),
-        broker: str = typer.Option(..., "--broker", envvar="EDGEPACK_BROKER", help="mqtt://HOST[:PORT] or mqtts://…"),
+        broker: str = BROKER,
         key: list[Path] = typer.Option(..., "--key", help="Key with the trust store's 'command' role; repeatable."),
         wait: bool = typer.Option(False, "--wait", help="Follow the devices to a result, with progress."),
         timeout: float = typer.Option(600.0, "--timeout", help="Seconds --wait waits for results."),
@@ -123,32 +156,20 @@ def register(app: typer.Typer) -> None:
         ttl_hours: float = typer.Option(
             168.0, "--ttl-hours", help="The command (and the retained bundle) expire after."
         ),
-        prefix: str = typer.Option("edgepack", "--prefix", help="Topic prefix."),
-        protocol: str = typer.Option("auto", "--protocol", help="auto (MQTT 5, else 3.1.1), 3.1.1 or 5."),
-        ca: Path | None = typer.Option(None, "--ca", help="CA certificate for mqtts://."),
-        cert: Path | None = typer.Option(None, "--cert", help="Client certificate for mqtts://."),
-        tls_key: Path | None = typer.Option(None, "--tls-key", help="Client certificate's private key."),
-        username: str | None = typer.Option(None, "--username", help="Broker user name."),
-        password: str | None = typer.Option(
-            None, "--password", envvar="EDGEPACK_BROKER_PASSWORD", help="Broker password."
-        ),
+        prefix: str = PREFIX,
+        protocol: str = PROTOCOL,
+        ca: Path | None = CA,
+        cert: Path | None = CERT,
+        tls_key: Path | None = TLS_KEY,
+        username: str | None = USERNAME,
+        password: str | None = PASSWORD,
         as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
     ) -> None:
         """Publish a bundle once and a signed install command to a device or a group."""
         from edgepack.fleet.deploy import DeployObserver, RichProgressObserver, deploy
         from edgepack.keys import SigningKey
-        from edgepack.mqtt import MqttOptions
 
-        options = MqttOptions(
-            url=broker,
-            client_id=f"edgepack-deploy-{uuid.uuid4().hex[:8]}",
-            protocol=protocol,
-            ca=ca,
-            cert=cert,
-            key=tls_key,
-            username=username,
-            password=password,
-        )
+        options = _operator_options(broker, "deploy", protocol, ca, cert, tls_key, username, password)
         observer = RichProgressObserver(err_console) if wait and not as_json else DeployObserver()
         report = deploy(
             bundle,
@@ -187,6 +208,40 @@ def register(app: typer.Typer) -> None:
                 console.print(table)
         if wait and not report.ok:
             raise typer.Exit(1)
+
+    @app.command("serve-bundles")
+    def serve_bundles_cmd(
+        bundles: list[Path] = typer.Argument(..., exists=True, dir_okay=False, help="Bundles (.epk) to serve."),
+        broker: str = BROKER,
+        chunk_size: str = typer.Option(
+            "256k", "--chunk-size", help="The chunk size the bundles were deployed with (deploy's default: 256k)."
+        ),
+        publish: bool = typer.Option(False, "--publish", help="Publish the bundles again, retained, at start."),
+        prefix: str = PREFIX,
+        protocol: str = PROTOCOL,
+        ca: Path | None = CA,
+        cert: Path | None = CERT,
+        tls_key: Path | None = TLS_KEY,
+        username: str | None = USERNAME,
+        password: str | None = PASSWORD,
+    ) -> None:
+        """Answer devices' requests for missing chunks of these bundles until stopped (Ctrl-C, SIGTERM):
+        a bundle server for brokers that lose retained messages while devices are still fetching."""
+        import signal
+        import threading
+
+        from edgepack.fleet.deploy import serve_bundles
+
+        stop = threading.Event()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, lambda *_: stop.set())
+        options = _operator_options(broker, "serve", protocol, ca, cert, tls_key, username, password)
+        err_console.print(f"serving {len(bundles)} bundle(s) on {broker} (prefix {prefix}); Ctrl-C stops")
+        served = serve_bundles(
+            bundles, options=options, prefix=prefix, chunk_size=parse_size(chunk_size, "--chunk-size"),
+            publish=publish, stop=stop,
+        )  # fmt: skip
+        err_console.print(f"stopped serving {', '.join(f'{c.manifest.name} {c.manifest.version}' for c in served)}")
 
     @app.command("broker")
     def broker_cmd(

@@ -114,6 +114,49 @@ def test_resume_after_broker_restart(tmp_path, broker, protocol, topics, events,
         device.stop()
 
 
+def test_a_bundle_server_answers_needs_after_the_deploy_is_gone(
+    tmp_path, broker, protocol, topics, events, keyring, trust
+):
+    """deploy without --wait leaves at once; the broker then restarts and loses every retained chunk. A
+    separate `serve-bundles` process (here: serve_bundles in a thread) answers the device's needs."""
+    from edgepack.fleet.deploy import serve_bundles
+
+    chunk = 32 * 1024
+    slow = LinkOptions(stall_s=0.5, need_max_s=2.0, progress_interval_s=0.05, reconnect_min_s=1, reconnect_max_s=1,
+                       max_rate=1_000_000, receive_maximum=4)  # fmt: skip
+    device = start_agent(tmp_path, trust.directory, broker.url, device="cam-2", prefix=topics.prefix,
+                         protocol=protocol, link_options=slow)  # fmt: skip
+    bundle = padded_bundle(tmp_path, keyring.keys["release"], version="3.0.0", pad=2_000_000)
+    size = bundle.stat().st_size
+    stop = threading.Event()
+    server = threading.Thread(
+        target=serve_bundles,
+        args=([bundle],),
+        kwargs={"options": options(broker.url, protocol, "server"), "prefix": topics.prefix, "chunk_size": chunk,
+                "stop": stop},
+    )  # fmt: skip
+    try:
+        assert device.link.client.wait_connected(10)
+        report = deploy(
+            bundle, options=options(broker.url, protocol), keys=[keyring.keys["release"]], device="cam-2",
+            prefix=topics.prefix, chunk_size=chunk,
+        )  # fmt: skip
+        events.wait_for(lambda e: e.kind == "progress" and e.phase == "download" and e.held_bytes > 0.3 * size,
+                        what="30% downloaded")  # fmt: skip
+        server.start()
+        broker.restart(downtime=0.3)  # retained index, chunks and command are gone
+        result = events.wait_for(lambda e: e.kind == "result" and e.command_id == report.command_id, timeout=60,
+                                 what="the install result")  # fmt: skip
+        assert result.outcome == "committed", result
+        assert events.of("need", report.command_id), "the restarted broker lost its retained chunks: a need is due"
+        assert device.serving() == "3.0.0"
+    finally:
+        stop.set()
+        if server.is_alive():
+            server.join(10)
+        device.stop()
+
+
 def test_cli_deploy_waits_for_the_result(tmp_path, broker, topics, keyring, trust):
     from typer.testing import CliRunner
 
