@@ -242,13 +242,16 @@ class Deployer:
             self._following.setdefault(signed.command.id, {})
         self.client.wait_published([self._publish_command(signed, expiry_s)], timeout)
 
-    def clear_bundle(self, chunked: ChunkedBundle, timeout: float = 60.0) -> None:
-        """Remove the bundle's retained index and chunks from the broker (chunks other bundles share too)."""
-        infos = [self.client.publish(self.topics.index(chunked.bundle), b"", retain=True)]
-        infos += [
-            self.client.publish(self.topics.chunk(r.sha256), b"", retain=True) for _, r, _ in chunked.iter_chunks()
-        ]
-        self.client.wait_published(infos, timeout)
+    def clear_bundle(self, chunked: ChunkedBundle, *, keep: Iterable[ChunkedBundle] = (), timeout: float = 60.0) -> int:
+        """Remove the bundle's retained index and chunks from the broker, except chunks a bundle in ``keep``
+        also holds (chunks are content-addressed: one retained message can serve several bundles).
+        Returns how many retained messages were cleared."""
+        kept = {ref.sha256 for other in keep for ref in other.index.chunks}
+        topics = [self.topics.index(chunked.bundle)]
+        topics += sorted({self.topics.chunk(ref.sha256) for ref in chunked.index.chunks if ref.sha256 not in kept})
+        self.client.wait_published([self.client.publish(topic, b"", retain=True) for topic in topics], timeout)
+        log.info("cleared bundle %s… from the broker (%d retained messages)", chunked.bundle[:12], len(topics))
+        return len(topics)
 
     # --- following -------------------------------------------------------------------------------
 
@@ -504,3 +507,27 @@ def serve_bundles(
                      len(c.index.chunks))  # fmt: skip
         stop.wait()
     return chunked
+
+
+def clear_bundles(
+    bundles: Iterable[Path],
+    *,
+    options: MqttOptions,
+    prefix: str = "edgepack",
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    keep: Iterable[Path] = (),
+    connect_timeout: float = 10.0,
+) -> dict[str, int]:
+    """Remove ``bundles``' retained index and chunks from the broker, sparing chunks that the ``keep``
+    bundles (still being fetched, say) share; returns bundle digest -> retained messages cleared.
+
+    On MQTT 5 retained bundles expire with their command (``--ttl-hours``); on a 3.1.1 broker they stay
+    until cleared. Commands are not touched: a device that has a command but no chunks asks with ``need``.
+    """
+    chunked = [chunk_bundle(Path(b), chunk_size) for b in bundles]
+    if not chunked:
+        raise ConfigError("clear-bundles needs at least one bundle file")
+    spared = [chunk_bundle(Path(b), chunk_size) for b in keep]
+    with Deployer(options, Topics(prefix)) as deployer:
+        deployer.client.wait_connected(connect_timeout)
+        return {c.bundle: deployer.clear_bundle(c, keep=spared) for c in chunked}

@@ -1,5 +1,5 @@
-"""MQTT delivery commands: ``agent run`` (the device daemon), ``deploy`` and ``serve-bundles`` (the operator)
-and ``broker``.
+"""MQTT delivery commands: ``agent run`` (the device daemon), ``deploy``, ``serve-bundles`` and
+``clear-bundles`` (the operator) and ``broker``.
 
 ``agent run`` joins the ``agent`` group that ``agent_cmd`` registers (found through
 ``app.registered_groups``). Heavy imports happen inside the commands.
@@ -242,6 +242,32 @@ def register(app: typer.Typer) -> None:
             publish=publish, stop=stop,
         )  # fmt: skip
         err_console.print(f"stopped serving {', '.join(f'{c.manifest.name} {c.manifest.version}' for c in served)}")
+
+    @app.command("clear-bundles")
+    def clear_bundles_cmd(
+        bundles: list[Path] = typer.Argument(..., exists=True, dir_okay=False, help="Bundles (.epk) to clear."),
+        broker: str = BROKER,
+        keep: list[Path] = typer.Option(
+            [], "--keep", exists=True, dir_okay=False, help="Spare the chunks this bundle shares; repeatable."
+        ),
+        chunk_size: str = typer.Option("256k", "--chunk-size", help="The chunk size the bundles were deployed with."),
+        prefix: str = PREFIX,
+        protocol: str = PROTOCOL,
+        ca: Path | None = CA,
+        cert: Path | None = CERT,
+        tls_key: Path | None = TLS_KEY,
+        username: str | None = USERNAME,
+        password: str | None = PASSWORD,
+    ) -> None:
+        """Remove deployed bundles' retained index and chunks from the broker (a 3.1.1 broker keeps them
+        until cleared)."""
+        from edgepack.fleet.deploy import clear_bundles
+
+        options = _operator_options(broker, "clear", protocol, ca, cert, tls_key, username, password)
+        size = parse_size(chunk_size, "--chunk-size")
+        cleared = clear_bundles(bundles, options=options, prefix=prefix, chunk_size=size, keep=keep)
+        for digest, count in cleared.items():
+            console.print(f"cleared bundle {digest[:12]}… ({count} retained message(s))")
 
     @app.command("broker")
     def broker_cmd(

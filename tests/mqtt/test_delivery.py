@@ -157,6 +157,50 @@ def test_a_bundle_server_answers_needs_after_the_deploy_is_gone(
         device.stop()
 
 
+def _retained(url: str, protocol: str, topics: list[str], settle_s: float = 1.0) -> dict[str, int]:
+    """topic -> payload size of the retained messages a fresh subscriber gets on ``topics``."""
+    import time
+
+    from edgepack.mqtt import MqttClient
+
+    got: dict[str, int] = {}
+    client = MqttClient(options(url, protocol, "peek"), on_message=lambda m: got.__setitem__(m.topic, len(m.payload)))
+    client.subscribe(topics)
+    client.connect(10)
+    time.sleep(settle_s)
+    client.stop()
+    return {t: n for t, n in got.items() if n}
+
+
+def test_clear_bundles_removes_retained_messages_but_spares_shared_chunks(tmp_path, broker, protocol, topics, keyring):
+    from typer.testing import CliRunner
+
+    from edgepack.cli import app
+    from edgepack.transfer import chunk_bundle
+
+    first = padded_bundle(tmp_path / "a", keyring.keys["release"], version="1.0.0", pad=6000)
+    second = padded_bundle(tmp_path / "b", keyring.keys["release"], version="2.0.0", scale=2.0, pad=6000)
+    with Deployer(options(broker.url, protocol), topics) as operator:
+        for bundle in (first, second):
+            operator.publish_bundle(chunk_bundle(bundle, 1024))
+    a, b = chunk_bundle(first, 1024), chunk_bundle(second, 1024)
+    shared = {r.sha256 for r in a.index.chunks} & {r.sha256 for r in b.index.chunks}
+    assert shared, "the two bundles share chunks (their padding), which --keep must spare"
+    a_topics = [topics.index(a.bundle), *(topics.chunk(r.sha256) for r in a.index.chunks)]
+    assert set(_retained(broker.url, protocol, a_topics)) == set(a_topics)
+
+    result = CliRunner().invoke(
+        app,
+        ["clear-bundles", str(first), "--keep", str(second), "--broker", broker.url, "--prefix", topics.prefix,
+         "--chunk-size", "1k", "--protocol", protocol],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    left = _retained(broker.url, protocol, a_topics)
+    assert set(left) == {topics.chunk(h) for h in shared}, "only the chunks the kept bundle shares stay"
+    b_topics = [topics.index(b.bundle), *(topics.chunk(r.sha256) for r in b.index.chunks)]
+    assert set(_retained(broker.url, protocol, b_topics)) == set(b_topics), "the kept bundle is whole"
+
+
 def test_cli_deploy_waits_for_the_result(tmp_path, broker, topics, keyring, trust):
     from typer.testing import CliRunner
 
