@@ -123,3 +123,31 @@ def test_validation_fixed_and_dynamic_dims() -> None:
         check_inputs(parse_request(request([9, 2, 3])).inputs, specs)
     with pytest.raises(InferenceInputError, match="expected datatype FP32, received FP16"):
         check_inputs(parse_request(request([1, 3, 2], "FP16")).inputs, specs)
+
+
+def test_the_fast_json_parser_accepts_and_refuses_what_the_standard_library_does(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from edgepack.agent.api import codec
+
+    assert codec._orjson is not None, "orjson comes with the agent extra"
+    calls = []
+    real = codec._orjson.loads
+    monkeypatch.setattr(codec._orjson, "loads", lambda text: calls.append(len(text)) or real(text))
+    body = json.dumps({"inputs": [{"name": "x", "datatype": "FP32", "shape": [3], "data": [0.1, 2.5, -3.0]}]})
+    assert decode_inputs(parse_request(body.encode()))["x"].tolist() == pytest.approx([0.1, 2.5, -3.0])
+    assert calls, "the fast path parsed the request"
+    # what orjson refuses but the standard library reads goes on being read
+    nan = b'{"inputs": [{"name": "x", "datatype": "FP32", "shape": [2], "data": [NaN, Infinity]}]}'
+    values = decode_inputs(parse_request(nan))["x"]
+    assert np.isnan(values[0]) and np.isinf(values[1])
+    top = b'{"inputs": [{"name": "x", "datatype": "UINT64", "shape": [1], "data": [18446744073709551615]}]}'
+    assert decode_inputs(parse_request(top))["x"].tolist() == [2**64 - 1]
+    big = top.replace(b"551615", b"551616")  # past every integer datatype: refused, as a float by orjson
+    with pytest.raises(BadRequestError, match="do not fit UINT64"):
+        decode_inputs(parse_request(big))
+    # and errors are worded by the standard library either way
+    with pytest.raises(BadRequestError, match=r"the request header is not valid JSON: Expecting"):
+        parse_request(b'{"inputs": [}')
+    with pytest.raises(BadRequestError, match="nests JSON too deeply"):
+        parse_request(b"[" * 100_000)
