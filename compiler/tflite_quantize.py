@@ -22,7 +22,11 @@ The accuracy-aware search (:func:`search_int8`), like the ONNX Runtime family's:
    and its consumers (through reshapes/transposes) get ``no_quantize`` entries in the recipe, since a
    tensor is int8 as soon as its reader is; quantize again (the calibration ranges are reused);
 3. one tensor per step, then doubling, until the bar holds, the step budget is spent, or half the ops would be
-   float (int8 no longer pays).
+   float (int8 no longer pays);
+4. a candidate LiteRT refuses to run ("Node number 68 (DIV) failed to invoke": its int8 divisor quantized to
+   the zero point) costs a step instead of the compile: the op it names, and what feeds it (for DIV the
+   divisor), are kept in float; a refusal it cannot place ends the search with
+   :class:`~edgepack.errors.ModelRunError`, on which ``auto`` falls back to float.
 
 Usage::
 
