@@ -58,8 +58,9 @@ def main(request_path: str) -> int:
             "output_signaturedefs": True,
             "not_use_opname_auto_generate": True,  # edgepack names every node itself
             # TFLite has no builtin Erf: onnx2tf's tf.math.erf becomes a TensorFlow (Flex) op, which LiteRT
-            # cannot run. Its "pseudo" Erf is Abramowitz-Stegun 7.1.26 in builtin ops (|error| < 1.5e-7);
-            # the exact GELU pattern still becomes TFLite's own GELU. (The API wants lower-case names.)
+            # cannot run. Its "pseudo" Erf is Abramowitz-Stegun 7.1.26 in builtin ops (|error| < 1.5e-7).
+            # Exact GELUs arrive already fused into Gelu nodes (gelu_fusion.py) and become TFLite's GELU.
+            # (This API wants lower-case names.)
             "replace_to_pseudo_operators": ["erf"],
             "non_verbose": False,
             "verbosity": "info",
@@ -81,7 +82,7 @@ def main(request_path: str) -> int:
         result["error_type"] = type(exc).__name__
         result["error"] = str(exc)[-2000:]
         result["node"] = getattr(exc, "onnx_op_name", None)
-        result["not_builtin_ops"] = getattr(exc, "ops", None)
+        result["not_builtin_ops"] = exc.ops if isinstance(exc, NotBuiltinError) else None
         result["traceback"] = traceback.format_exc()[-6000:]
     result["seconds"] = round(time.perf_counter() - start, 3)
     result["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
