@@ -139,7 +139,12 @@ def load_json(text: bytes, what: str = "the request header") -> Any:
     (``NaN``/``Infinity`` literals, numbers past the float range, lone surrogate escapes, malformed JSON)
     goes to the standard library, which reads it as before or words the error. One difference remains:
     integers outside int64..uint64, which no tensor datatype holds, orjson reads as floats, so an integer
-    tensor refuses them as floating-point values rather than as out of range."""
+    tensor refuses them as floating-point values rather than as out of range.
+
+    Responses are written by orjson too (a [1, 21, 224, 224] FP32 output: 36 ms against 563), the same
+    values in the same shortest round-trip form (``1e-7`` where the standard library writes ``1e-07``),
+    except when an output holds NaN or Infinity: orjson would write null, so the standard library writes
+    those, as ``NaN``/``Infinity``, as before."""
     if _orjson is not None:
         try:
             return _orjson.loads(text)
@@ -377,6 +382,7 @@ def encode_response(
         wanted = [(o.name, request.binary_output if o.binary is None else o.binary) for o in request.outputs]
     entries: list[dict[str, Any]] = []
     buffers: list[bytes] = []
+    finite = True  # JSON data without NaN/Infinity, which orjson would write as null
     for name, binary in wanted:
         if name not in results:
             raise RuntimeBackendError(f"the model returned no output '{name}'")
@@ -389,11 +395,12 @@ def encode_response(
             buffers.append(raw)
         else:
             entry["data"] = _json_data(array, datatype, name)
+            finite = finite and (array.dtype.kind != "f" or bool(np.isfinite(array).all()))
         entries.append(entry)
     doc: dict[str, Any] = {"model_name": model_name, "model_version": model_version, "outputs": entries}
     if request.id is not None:
         doc["id"] = request.id
-    header = json.dumps(doc, separators=(",", ":")).encode()
+    header = _orjson.dumps(doc) if _orjson is not None and finite else json.dumps(doc, separators=(",", ":")).encode()
     if not buffers:
         return EncodedResponse(header)
     return EncodedResponse(b"".join([header, *buffers]), len(header))

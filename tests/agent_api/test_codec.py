@@ -151,3 +151,16 @@ def test_the_fast_json_parser_accepts_and_refuses_what_the_standard_library_does
         parse_request(b'{"inputs": [}')
     with pytest.raises(BadRequestError, match="nests JSON too deeply"):
         parse_request(b"[" * 100_000)
+
+
+def test_json_responses_carry_the_same_values_and_keep_nan_as_before() -> None:
+    request = parse_request(
+        json.dumps({"inputs": [{"name": "x", "datatype": "FP32", "shape": [1], "data": [0]}]}).encode()
+    )
+    values = np.array([[1e-7, 123456789.0, 0.1, -0.0, 2.5, 3.4e38]], dtype=np.float32)
+    body = encode_response("m", "1", request, {"y": values}).body
+    out = json.loads(body)["outputs"][0]
+    assert out["shape"] == [1, 6] and out["datatype"] == "FP32"
+    assert np.array_equal(np.array(out["data"], dtype=np.float32), values.ravel())
+    with_nan = encode_response("m", "1", request, {"y": np.array([np.nan, np.inf, 1.0], np.float32)}).body
+    assert b"NaN,Infinity,1.0" in with_nan  # as the standard library writes them, never null
