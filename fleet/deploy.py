@@ -170,8 +170,16 @@ class RichProgressObserver(DeployObserver):
 class Deployer:
     """One operator connection: publishes bundles and commands, follows devices, answers their needs."""
 
-    def __init__(self, options: MqttOptions, topics: Topics, observer: DeployObserver | None = None) -> None:
+    def __init__(
+        self,
+        options: MqttOptions,
+        topics: Topics,
+        observer: DeployObserver | None = None,
+        *,
+        connect_timeout: float = 10.0,
+    ) -> None:
         self.topics = topics
+        self.connect_timeout = connect_timeout  # what ``with Deployer(...)`` waits for the broker
         self.observer = observer or DeployObserver()
         self.client = MqttClient(options, on_message=self._on_message, on_connect=self._on_connect)
         self.states: dict[str, DeviceState] = {}
@@ -187,7 +195,7 @@ class Deployer:
         self._synced: set[str] = set()
 
     def __enter__(self) -> Deployer:
-        self.connect()
+        self.connect(self.connect_timeout)
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -456,7 +464,7 @@ def deploy(
     signed = sign_command(command, keys)
     bundle_expiry = int(ttl.total_seconds()) if ttl else None
     try:
-        with Deployer(options, topics, observer) as deployer:
+        with Deployer(options, topics, observer, connect_timeout=connect_timeout) as deployer:
             upload_s = deployer.publish_bundle(chunked, expiry_s=bundle_expiry)
             deployer.send(signed)
             report = DeployReport(command.id, chunked.bundle, to.describe(), upload_s)
@@ -493,11 +501,8 @@ def serve_bundles(
     index (a device checks every chunk's hash, so a mismatch is refused there, never installed). With
     ``publish`` the index and chunks are published again, retained, at start.
     """
-    chunked = [chunk_bundle(Path(b), chunk_size) for b in bundles]
-    if not chunked:
-        raise ConfigError("serve-bundles needs at least one bundle file")
-    with Deployer(options, Topics(prefix), observer) as deployer:
-        deployer.client.wait_connected(connect_timeout)
+    chunked = _chunk_all(bundles, chunk_size, "serve-bundles")
+    with Deployer(options, Topics(prefix), observer, connect_timeout=connect_timeout) as deployer:
         for c in chunked:
             if publish:
                 deployer.publish_bundle(c)
@@ -524,10 +529,14 @@ def clear_bundles(
     On MQTT 5 retained bundles expire with their command (``--ttl-hours``); on a 3.1.1 broker they stay
     until cleared. Commands are not touched: a device that has a command but no chunks asks with ``need``.
     """
+    chunked = _chunk_all(bundles, chunk_size, "clear-bundles")
+    spared = [chunk_bundle(Path(b), chunk_size) for b in keep]
+    with Deployer(options, Topics(prefix), connect_timeout=connect_timeout) as deployer:
+        return {c.bundle: deployer.clear_bundle(c, keep=spared) for c in chunked}
+
+
+def _chunk_all(bundles: Iterable[Path], chunk_size: int, command: str) -> list[ChunkedBundle]:
     chunked = [chunk_bundle(Path(b), chunk_size) for b in bundles]
     if not chunked:
-        raise ConfigError("clear-bundles needs at least one bundle file")
-    spared = [chunk_bundle(Path(b), chunk_size) for b in keep]
-    with Deployer(options, Topics(prefix)) as deployer:
-        deployer.client.wait_connected(connect_timeout)
-        return {c.bundle: deployer.clear_bundle(c, keep=spared) for c in chunked}
+        raise ConfigError(f"{command} needs at least one bundle file")
+    return chunked

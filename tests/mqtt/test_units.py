@@ -223,3 +223,29 @@ def test_urls_options_and_sizes():
     ]
     with pytest.raises(ConfigError):
         parse_size("lots", "--max-rate")
+
+
+def test_operator_commands_wait_for_the_broker_as_long_as_they_are_told(tmp_path: Path) -> None:
+    """deploy / serve-bundles / clear-bundles pass connect_timeout to the connection (it used to be ignored)."""
+    import socket
+    import threading
+
+    from edgepack.errors import BrokerConnectionError
+    from edgepack.fleet.deploy import clear_bundles, deploy, serve_bundles
+    from edgepack.keys import SigningKey
+    from tests.mqtt.helpers import padded_bundle
+
+    with socket.socket() as unused:
+        unused.bind(("127.0.0.1", 0))
+        port = unused.getsockname()[1]  # nothing listens here once closed
+    key = SigningKey.generate()
+    bundle = padded_bundle(tmp_path, key)
+    dead = MqttOptions(url=f"mqtt://127.0.0.1:{port}", client_id="op")
+    calls = [
+        lambda: deploy(bundle, options=dead, keys=[key], device="d", connect_timeout=0.5),
+        lambda: serve_bundles([bundle], options=dead, stop=threading.Event(), connect_timeout=0.5),
+        lambda: clear_bundles([bundle], options=dead, connect_timeout=0.5),
+    ]
+    for call in calls:
+        with pytest.raises(BrokerConnectionError, match=r"within 0.5 s"):  # the default says "within 10 s"
+            call()
