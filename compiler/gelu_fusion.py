@@ -16,6 +16,7 @@ as such. ``Gelu`` is in the ONNX standard from opset 20: an older model is conve
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -35,9 +36,15 @@ class _Match:
     y: str
 
 
-def fuse_exact_gelu(proto: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
+def fuse_exact_gelu(
+    proto: onnx.ModelProto, check_feed: Mapping[str, np.ndarray] | None = None
+) -> tuple[onnx.ModelProto, int]:
     """``proto`` with every exact GELU subgraph as one ``Gelu`` node (opset raised to 20 if needed), and
-    how many it fused; ``proto`` itself (and 0) when there is none or the opset cannot be raised."""
+    how many it fused; ``proto`` itself (and 0) when there is none or the opset cannot be raised.
+
+    With ``check_feed`` both models run it in onnxruntime first, and the fused one is used only when every
+    output agrees (GELU is exact to float rounding; an opset conversion that went wrong is not): fusing is an
+    optimization and must never change what the model computes."""
     if not _matches(proto.graph):
         return proto, 0
     model = proto
@@ -60,8 +67,28 @@ def fuse_exact_gelu(proto: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
             nodes.append(node)
     del model.graph.node[:]
     model.graph.node.extend(nodes)
+    if check_feed is not None and not _same_outputs(proto, model, check_feed):
+        return proto, 0
     log.info("fused %d exact GELU subgraph(s) into Gelu nodes", len(matches))
     return model, len(matches)
+
+
+def _same_outputs(original: onnx.ModelProto, fused: onnx.ModelProto, feed: Mapping[str, np.ndarray]) -> bool:
+    import onnxruntime as ort
+
+    try:
+        runs = [
+            ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, dict(feed))
+            for m in (original, fused)
+        ]
+    except Exception as exc:  # onnxruntime fails with its own types; not fusing is always safe
+        log.info("GELU not fused: the fused model does not run in onnxruntime (%s)", exc)
+        return False
+    for name, before, after in zip((o.name for o in original.graph.output), runs[0], runs[1], strict=True):
+        if not np.allclose(before, after, rtol=1e-4, atol=1e-5):
+            log.info("GELU not fused: output %r changed by up to %g", name, float(np.max(np.abs(before - after))))
+            return False
+    return True
 
 
 def _matches(graph: onnx.GraphProto) -> list[_Match]:

@@ -125,13 +125,13 @@ def convert_onnx(
     work.mkdir(parents=True)
     proto = onnx.load(str(onnx_path))
     name_nodes(proto)  # every node named: onnx2tf reports a failing node by name
-    proto, gelus = fuse_exact_gelu(proto)  # TFLite's GELU op, not an int8-hostile pseudo Erf
+    feeds = [dict(s) for s in samples] or [_random_feed(inputs)]
+    proto, gelus = fuse_exact_gelu(proto, check_feed=feeds[0])  # TFLite's GELU op, not an int8-hostile pseudo Erf
     if gelus and on_progress:
         on_progress(f"{gelus} GELU subgraph(s) fused for TFLite's GELU op")
     _fit_ir_version(proto)
     model_copy = work / "model.onnx"
     onnx.save(proto, str(model_copy))
-    feeds = [dict(s) for s in samples] or [_random_feed(inputs)]
     _write_sample_images(work, inputs, feeds)
 
     request: dict[str, Any] = {

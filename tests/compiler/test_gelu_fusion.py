@@ -68,3 +68,23 @@ def test_other_constants_or_a_shared_intermediate_are_left_alone() -> None:
         fused, count = fuse_exact_gelu(model)
         assert count == 0 and fused is model
         assert [n.op_type for n in fused.graph.node].count("Erf") == 1
+
+
+def test_a_fusion_that_changes_the_outputs_is_not_used(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The check run: the fused model must compute what the original does (here a broken opset conversion
+    is faked by one that also scales a weight)."""
+    original = _gelu_model()
+    x = {"x": np.random.default_rng(3).normal(size=(1, 8)).astype(np.float32)}
+    assert fuse_exact_gelu(original, check_feed=x)[1] == 1  # a faithful fusion passes its check
+    real = onnx.version_converter.convert_version
+
+    def wrong(proto: onnx.ModelProto, version: int) -> onnx.ModelProto:
+        converted = real(proto, version)
+        w = next(t for t in converted.graph.initializer if t.name == "w")
+        w.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(w) * 1.01, "w"))
+        return converted
+
+    monkeypatch.setattr(onnx.version_converter, "convert_version", wrong)
+    fused, count = fuse_exact_gelu(original, check_feed=x)
+    assert count == 0 and fused is original
+    assert fuse_exact_gelu(original)[1] == 1  # unchecked, the (wrong) fusion would have gone through
