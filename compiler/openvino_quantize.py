@@ -40,7 +40,7 @@ from edgepack.compiler.compare import AccuracyReport
 from edgepack.compiler.family import Conversion, ConvertJob, HostModel
 from edgepack.compiler.node_errors import _scores  # the per-channel SQNR of the ONNX Runtime analysis
 from edgepack.compiler.openvino_convert import compiled_model, host_config, openvino_version, save_ir
-from edgepack.errors import EdgepackError, QuantizerError
+from edgepack.compiler.quantizer_failures import quantizer_failures
 from edgepack.targets.openvino_family import inference_precision
 from edgepack.targets.registry import Target
 
@@ -89,25 +89,17 @@ def quantize(model: Any, feeds: Feeds, settings: NncfSettings, ignored: Sequence
     presets = {"performance": nncf.QuantizationPreset.PERFORMANCE, "mixed": nncf.QuantizationPreset.MIXED}
     fixes = {"enable": OverflowFix.ENABLE, "first_layer": OverflowFix.FIRST_LAYER, "disable": OverflowFix.DISABLE}
     scope = nncf.IgnoredScope(names=list(ignored), validate=False) if ignored else None
-    try:
-        with _quiet():
-            return nncf.quantize(
-                model,
-                nncf.Dataset(list(feeds)),
-                preset=presets[settings.preset],
-                target_device=nncf.TargetDevice[settings.target_device],
-                subset_size=min(len(feeds), settings.subset_size),
-                fast_bias_correction=settings.fast_bias_correction,
-                ignored_scope=scope,
-                advanced_parameters=AdvancedQuantizationParameters(overflow_fix=fixes[settings.overflow_fix]),
-            )
-    except EdgepackError:
-        raise
-    except Exception as exc:  # NNCF's failures come as many types; the boundary names the tool and the cause
-        raise QuantizerError(
-            f"NNCF {nncf.__version__} cannot quantize this model to int8: {exc}; compile it with --precision fp32 "
-            "(or fp16 where the target has it)"
-        ) from exc
+    with quantizer_failures(f"NNCF {nncf.__version__}"), _quiet():
+        return nncf.quantize(
+            model,
+            nncf.Dataset(list(feeds)),
+            preset=presets[settings.preset],
+            target_device=nncf.TargetDevice[settings.target_device],
+            subset_size=min(len(feeds), settings.subset_size),
+            fast_bias_correction=settings.fast_bias_correction,
+            ignored_scope=scope,
+            advanced_parameters=AdvancedQuantizationParameters(overflow_fix=fixes[settings.overflow_fix]),
+        )
 
 
 @contextmanager

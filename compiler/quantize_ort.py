@@ -36,7 +36,8 @@ from typing import Any, Literal
 import numpy as np
 import onnx
 
-from edgepack.errors import EdgepackError, QuantizerError
+from edgepack.compiler.quantizer_failures import quantizer_failures
+from edgepack.errors import QuantizerError
 from edgepack.targets.registry import Target
 
 log = logging.getLogger(__name__)
@@ -102,16 +103,11 @@ def quantize_int8(
     calibration data never gets here (the data step checked it against the model)."""
     import onnxruntime
 
-    try:
-        with _without_preprocess_hint():
-            _quantize(src, dst, calibration, settings, nodes_to_exclude, calibration_cache, on_sample)
-    except EdgepackError:
-        raise
-    except Exception as exc:  # the tooling fails with many types; the boundary names the tool and the cause
-        raise QuantizerError(
-            f"onnxruntime {onnxruntime.__version__} cannot quantize this model to {settings.method} int8: "
-            f"{type(exc).__name__}: {exc}; compile with --precision fp32 (or fp16 where the target has it)"
-        ) from exc
+    with (
+        quantizer_failures(f"onnxruntime {onnxruntime.__version__}", f"{settings.method} int8"),
+        _without_preprocess_hint(),
+    ):
+        _quantize(src, dst, calibration, settings, nodes_to_exclude, calibration_cache, on_sample)
 
 
 def _quantize(

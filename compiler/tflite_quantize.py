@@ -51,8 +51,9 @@ import numpy as np
 
 from edgepack.compiler.accuracy_aware import KeptInFloat
 from edgepack.compiler.compare import AccuracyReport
+from edgepack.compiler.quantizer_failures import quantizer_failures
 from edgepack.compiler.tflite_graph import TfliteInfo, describe
-from edgepack.errors import CompileError, EdgepackError, ModelRunError, QuantizerError
+from edgepack.errors import CompileError, ModelRunError
 from edgepack.manifest import TensorSpec
 from edgepack.runtimes.tensors import layout_change, transpose_layout
 from edgepack.versions import installed_version
@@ -137,7 +138,7 @@ class Calibrator:
         self.signature = describe(self.float_model).signature or "serving_default"
 
     def quantize(self, out: Path, keep_float: Sequence[str] = ()) -> QuantizedModel:
-        with _quantizer_failures(self.float_model):
+        with quantizer_failures(f"ai-edge-quantizer {installed_version('ai-edge-quantizer')}"):
             quantizer = self._quantizer(keep_float)
             if self._qsvs is None:
                 self._qsvs = self._calibrate()
@@ -180,20 +181,6 @@ class Calibrator:
                 algorithm_key=AlgorithmName.NO_QUANTIZE,
             )
         return q
-
-
-@contextlib.contextmanager
-def _quantizer_failures(float_model: Path) -> Iterator[None]:
-    """ai-edge-quantizer fails with many exception types; name the tool and the cause in one of ours."""
-    try:
-        yield
-    except EdgepackError:
-        raise
-    except Exception as exc:
-        raise QuantizerError(
-            f"ai-edge-quantizer {installed_version('ai-edge-quantizer')} cannot quantize this model to int8: "
-            f"{type(exc).__name__}: {exc}; compile with --precision fp32"
-        ) from exc
 
 
 def quantize_int8(
