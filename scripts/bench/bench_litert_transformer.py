@@ -17,13 +17,11 @@ Results: ``scripts/bench/results/litert_transformer.{json,md}``.
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import sys
 import tempfile
 import time
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import numpy as np
@@ -31,7 +29,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "scripts" / "bench"))
 
-from results import add_speedups, write_results  # noqa: E402
+from results import add_speedups, load_script, write_results  # noqa: E402
 
 log = logging.getLogger("bench_litert_transformer")
 # the bar for every row: with the pseudo Erf, int8 sits on the default bar (99 % agreement), passing one run
@@ -39,16 +37,8 @@ log = logging.getLogger("bench_litert_transformer")
 MAX_DROP = 2.0
 
 
-def _module(path: Path, name: str) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(name, path)
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-LITERT_BENCH = _module(REPO / "scripts" / "bench" / "bench_litert_int8.py", "bench_litert_int8")
-ORT_TRANSFORMER = _module(REPO / "scripts" / "bench" / "bench_ort_transformer.py", "bench_ort_transformer")
+LITERT_BENCH = load_script(REPO / "scripts" / "bench" / "bench_litert_int8.py", "bench_litert_int8")
+ORT_TRANSFORMER = load_script(REPO / "scripts" / "bench" / "bench_ort_transformer.py", "bench_ort_transformer")
 
 
 def main() -> None:
@@ -91,7 +81,7 @@ def main() -> None:
             models[label] = folder / manifest.model_file
             facts[label] = {
                 "compile_s": round(seconds, 1),
-                "ops_kept_float": len(result.kept_in_float and [n for k in result.kept_in_float for n in k.nodes]),
+                "ops_kept_float": sum(len(k.nodes) for k in result.kept_in_float),
                 "specs": (list(manifest.inputs), list(manifest.outputs)),
             }
             log.info("%s: compiled in %.1f s", label, seconds)

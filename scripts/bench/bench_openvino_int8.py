@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib.util
 import io
 import json
 import logging
@@ -48,7 +47,7 @@ import openvino as ov
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "scripts" / "bench"))
 
-from results import RESULTS, add_speedups, write_results  # noqa: E402
+from results import RESULTS, add_speedups, load_script, write_results  # noqa: E402
 
 CACHE = REPO / ".cache" / "bench"
 TRAINED_SIZE = 112
@@ -57,16 +56,7 @@ BENCH_SIZE = 224
 log = logging.getLogger("bench_openvino_int8")
 
 
-def _module(path: Path, name: str) -> Any:
-    spec = importlib.util.spec_from_file_location(name, path)
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
-ORT_BENCH = _module(REPO / "scripts" / "bench" / "bench_ort_int8.py", "bench_ort_int8")
+ORT_BENCH = load_script(REPO / "scripts" / "bench" / "bench_ort_int8.py", "bench_ort_int8")
 
 
 def main() -> None:
@@ -249,7 +239,7 @@ def accuracy_aware(work: Path) -> list[dict[str, Any]]:
     from edgepack.compiler.pipeline import CompileRequest, compile_model
     from edgepack.keys import SigningKey
 
-    conftest = _module(REPO / "tests" / "compiler" / "conftest.py", "compiler_conftest")
+    conftest = load_script(REPO / "tests" / "compiler" / "conftest.py", "compiler_conftest")
     outlier = conftest.outlier_model(work / "digits_outlier.onnx", factor=1e4)
     files = ORT_BENCH._digits_module().write_npz(work / "digits")
     calib, val, test = (np.load(files[k]) for k in ("calibration", "validation", "test"))

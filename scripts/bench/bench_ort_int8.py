@@ -20,7 +20,6 @@ The model is the ResNet-50 topology trained on scikit-learn's digits by
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import logging
 import statistics
@@ -36,7 +35,7 @@ import onnx
 import onnxruntime as ort
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from results import add_speedups, machine
+from results import add_speedups, load_script, machine
 
 REPO = Path(__file__).resolve().parents[2]
 CACHE = REPO / ".cache" / "bench"
@@ -159,11 +158,7 @@ def ensure_model(path: Path) -> Path:
 
 
 def _digits_module() -> Any:
-    spec = importlib.util.spec_from_file_location("digits_data", REPO / "scripts" / "models" / "digits_data.py")
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(REPO / "scripts" / "models" / "digits_data.py", "digits_data")
 
 
 def to_rgb(images: np.ndarray, size: int) -> np.ndarray:

@@ -22,14 +22,12 @@ digits by ``scripts/models/train_vit_digits.py`` (PyTorch, in /work/venvs/train)
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import logging
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import numpy as np
@@ -38,7 +36,7 @@ import onnx
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "scripts" / "bench"))
 
-from results import add_speedups, write_results  # noqa: E402
+from results import add_speedups, load_script, write_results  # noqa: E402
 
 CACHE = REPO / ".cache" / "bench"
 TRAIN_PYTHON = Path("/work/venvs/train/bin/python")
@@ -46,15 +44,7 @@ TRAIN_PYTHON = Path("/work/venvs/train/bin/python")
 log = logging.getLogger("bench_ort_transformer")
 
 
-def _module(path: Path, name: str) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(name, path)
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-ORT_BENCH = _module(REPO / "scripts" / "bench" / "bench_ort_int8.py", "bench_ort_int8")
+ORT_BENCH = load_script(REPO / "scripts" / "bench" / "bench_ort_int8.py", "bench_ort_int8")
 
 
 def main() -> None:

@@ -1,14 +1,31 @@
-"""Shared by the benchmarks: write a results file (JSON) and a markdown table beside it."""
+"""Shared by the benchmarks: write a results file (JSON) and a markdown table beside it, and load another
+script (a benchmark or a model-making script) as a module to reuse its helpers."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import platform
+import sys
 from datetime import datetime, timezone
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 RESULTS = Path(__file__).parent / "results"
+
+
+def load_script(path: Path, name: str) -> ModuleType:
+    """The Python file at ``path`` imported as module ``name`` (registered in ``sys.modules``, where
+    dataclasses look their module up)."""
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, path)
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
 
 
 ISA_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8", "asimddp", "i8mm")
