@@ -1,4 +1,4 @@
-"""The agent's configuration: one pydantic model, read from TOML, every field also settable by a flag.
+"""The agent's configuration: one pydantic model, read from TOML; the ``agent run`` flags derive from it.
 
 Example ``agent.toml`` (``firmware-images/*/agent.toml`` ship one per device class)::
 
@@ -27,11 +27,26 @@ Example ``agent.toml`` (``firmware-images/*/agent.toml`` ship one per device cla
     session_expiry_s = 3600              # MQTT 5: the broker keeps the session across a disconnect
 
 Precedence: defaults < the TOML file < command-line flags.
+
+**Every setting is defined once, here.** A field's ``description`` is its documentation and its flag's help;
+a field marked with :func:`flag` gets an ``edgepack agent run`` option (:func:`flag_specs` lists them, the CLI
+builds its options from that list and ``agent/daemon.py`` maps flag values back to dotted keys with it).
+The MQTT link takes :class:`LinkSettings` as it is (``edgepack.agent.link.LinkOptions`` is this class).
+
+**Device id.** Two devices with one id knock each other off the broker, so there is no default id: when
+``device_id`` is not set, :func:`resolve_device_id` derives ``edge-<12 hex>`` from ``/etc/machine-id``
+(sha256, so the machine id itself is not published); with neither, the agent serves but does not join a
+broker.
 """
 
 from __future__ import annotations
 
+import hashlib
+import logging
 import sys
+import types
+import typing
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -46,8 +61,30 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
+log = logging.getLogger(__name__)
+
 DEFAULT_STATE_DIR = Path("/var/lib/edgepack")
 DEFAULT_TRUST_DIR = Path("/etc/edgepack/trust")
+MACHINE_ID = Path("/etc/machine-id")
+DEVICE_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
+PACKET_MARGIN = 64 << 10  # MQTT 5 Maximum Packet Size = the largest chunk + this (topic, properties, a command)
+MIN_CHUNK_SIZE, MAX_CHUNK_SIZE = 256, 16 << 20  # edgepack.protocol's bounds (not imported: no paho/pydantic cycle)
+
+
+def flag(name: str, *, dest: str | None = None, envvar: str | None = None, kind: type | None = None) -> dict[str, Any]:
+    """``json_schema_extra`` that gives a field an ``agent run`` option: ``name`` (e.g. ``--max-rate``; a bool
+    takes ``--x/--no-x``), ``dest`` (the Python name, default the field's), ``kind`` (the flag's type when it
+    is not the field's, e.g. ``str`` for sizes such as ``500k``)."""
+    return {"flag": {"name": name, "dest": dest, "envvar": envvar, "kind": kind.__name__ if kind else None}}
+
+
+def _size_or_value(value: Any, what: str) -> Any:
+    if isinstance(value, str):
+        try:
+            return parse_size(value, what)
+        except ConfigError as exc:
+            raise ValueError(str(exc)) from exc
+    return value
 
 
 class _Section(BaseModel):
@@ -55,9 +92,19 @@ class _Section(BaseModel):
 
 
 class RuntimeSettings(_Section):
-    threads: int | None = Field(default=None, ge=1)
-    allow_accelerators: bool = True
-    cache_dir: Path | None = None
+    threads: int | None = Field(
+        default=None, ge=1, description="Runtime intra-op threads.", json_schema_extra=flag("--threads")
+    )
+    allow_accelerators: bool = Field(
+        default=True,
+        description="Let runtimes use GPUs/NPUs (default: yes).",
+        json_schema_extra=flag("--accelerators/--no-accelerators", dest="accelerators"),
+    )
+    cache_dir: Path | None = Field(
+        default=None,
+        description="Runtime cache directory (default STATE/cache).",
+        json_schema_extra=flag("--runtime-cache", dest="runtime_cache"),
+    )
 
     def options(self, state_dir: Path) -> RuntimeOptions:
         return RuntimeOptions(
@@ -68,42 +115,98 @@ class RuntimeSettings(_Section):
 
 
 class BrokerSettings(_Section):
-    url: str | None = None
-    ca: Path | None = None
-    cert: Path | None = None
-    key: Path | None = None
-    username: str | None = None
-    password: str | None = None
-    prefix: str = "edgepack"
-    protocol: str = Field(default="auto", pattern="^(auto|3.1.1|5)$")
-    keepalive: int = Field(default=30, ge=5)
-    max_buffered_events: int = Field(default=1000, ge=1)
+    url: str | None = Field(
+        default=None,
+        description="mqtt://HOST[:PORT] or mqtts://HOST[:PORT]; none: serve from the store only.",
+        json_schema_extra=flag("--broker", dest="broker"),
+    )
+    ca: Path | None = Field(default=None, description="CA certificate for mqtts://.", json_schema_extra=flag("--ca"))
+    cert: Path | None = Field(
+        default=None, description="Client certificate for mqtts://.", json_schema_extra=flag("--cert")
+    )
+    key: Path | None = Field(
+        default=None, description="Client certificate's private key.", json_schema_extra=flag("--key")
+    )
+    username: str | None = Field(default=None, description="Broker user name.", json_schema_extra=flag("--username"))
+    password: str | None = Field(
+        default=None,
+        description="Broker password.",
+        json_schema_extra=flag("--password", envvar="EDGEPACK_BROKER_PASSWORD"),
+    )
+    prefix: str = Field(
+        default="edgepack", description="Topic prefix (default edgepack).", json_schema_extra=flag("--prefix")
+    )
+    protocol: str = Field(
+        default="auto",
+        pattern="^(auto|3.1.1|5)$",
+        description="auto (MQTT 5, else 3.1.1), 3.1.1 or 5.",
+        json_schema_extra=flag("--protocol"),
+    )
+    keepalive: int = Field(
+        default=30, ge=5, description="MQTT keepalive in seconds.", json_schema_extra=flag("--keepalive")
+    )
+    max_buffered_events: int = Field(
+        default=1000, ge=1, description="Events kept while offline.", json_schema_extra=flag("--max-buffered-events")
+    )
 
 
 class LinkSettings(_Section):
-    """The MQTT link's tuning; the field names are :class:`edgepack.agent.link.LinkOptions`'s, and so are
-    the defaults (a test keeps the two in step)."""
+    """The MQTT link's tuning (``edgepack.agent.link.LinkOptions`` is this class); tests shorten the waits."""
 
-    stall_s: float = Field(default=5.0, gt=0)
-    need_max_s: float = Field(default=60.0, gt=0)
-    progress_interval_s: float = Field(default=0.5, gt=0)
-    max_rate: int | None = Field(default=None, ge=1024)  # bytes/s; "500k" and "2M" are read too
-    session_expiry_s: int = Field(default=3600, ge=0)
-    reconnect_min_s: int = Field(default=1, ge=1)
-    reconnect_max_s: int = Field(default=30, ge=1)
-    will_delay_s: int = Field(default=0, ge=0)
-    event_expiry_s: int = Field(default=86400, ge=1)
-    receive_maximum: int = Field(default=16, ge=1, le=65535)
+    stall_s: float = Field(
+        default=5.0,
+        gt=0,
+        description="Seconds without a chunk while some are asked for before asking again (a need).",
+        json_schema_extra=flag("--stall", dest="stall_s"),
+    )
+    need_max_s: float = Field(default=60.0, gt=0, description="The wait between needs doubles up to this.")
+    max_unanswered_needs: int = Field(
+        default=6,
+        ge=1,
+        description="Needs in a row answered by nothing after which a transfer fails as stalled.",
+    )
+    deadline_min_s: float = Field(
+        default=900.0, gt=0, description="Every job's deadline is at least this (plus size / deadline_rate)."
+    )
+    deadline_rate: int = Field(
+        default=16 << 10,
+        ge=1,
+        description="Bytes/s a transfer is given at least (the deadline); capped at half of max_rate.",
+    )
+    progress_interval_s: float = Field(default=0.5, gt=0, description="Progress events at most this often.")
+    max_rate: int | None = Field(
+        default=None,
+        ge=1024,
+        description="Cap on chunk intake, bytes/s (e.g. 500k, 2M); none: as fast as the broker sends.",
+        json_schema_extra=flag("--max-rate", kind=str),
+    )
+    fetch_window: int = Field(
+        default=16, ge=1, le=1024, description="Chunks asked for (subscribed) at once while a transfer runs."
+    )
+    max_chunk_size: int = Field(
+        default=4 << 20,
+        ge=MIN_CHUNK_SIZE,
+        le=MAX_CHUNK_SIZE,
+        description="Largest chunk (and index) taken; MQTT 5 Maximum Packet Size is this + 64 KiB.",
+    )
+    session_expiry_s: int = Field(
+        default=3600,
+        ge=0,
+        description="MQTT 5 session expiry in seconds (default 3600).",
+        json_schema_extra=flag("--session-expiry", dest="session_expiry_s"),
+    )
+    reconnect_min_s: int = Field(default=1, ge=1, description="Reconnect backoff starts here.")
+    reconnect_max_s: int = Field(default=30, ge=1, description="Reconnect backoff grows up to this.")
+    will_delay_s: int = Field(default=0, ge=0, description="MQTT 5: a reconnect within this delay is not offline.")
+    event_expiry_s: int = Field(default=86400, ge=1, description="MQTT 5: events nobody picked up expire.")
+    receive_maximum: int = Field(
+        default=16, ge=1, le=65535, description="MQTT 5: chunks in flight to the device (memory, what a drop loses)."
+    )
 
-    @field_validator("max_rate", mode="before")
+    @field_validator("max_rate", "deadline_rate", "max_chunk_size", mode="before")
     @classmethod
-    def _size(cls, value: Any) -> Any:
-        if isinstance(value, str):
-            try:
-                return parse_size(value, "link.max_rate")
-            except ConfigError as exc:
-                raise ValueError(str(exc)) from exc
-        return value
+    def _size(cls, value: Any, info: Any) -> Any:
+        return _size_or_value(value, f"link.{info.field_name}")
 
     @model_validator(mode="after")
     def _backoff_order(self) -> LinkSettings:
@@ -115,17 +218,85 @@ class LinkSettings(_Section):
             raise ValueError(f"need_max_s ({self.need_max_s}) is below stall_s ({self.stall_s})")
         return self
 
+    @property
+    def max_packet_size(self) -> int:
+        """MQTT 5 Maximum Packet Size (CONNECT): the broker drops larger messages before the device reads them."""
+        return self.max_chunk_size + PACKET_MARGIN
+
+    def deadline_s(self, size: int | None) -> float:
+        """A job's deadline: ``deadline_min_s`` + ``size`` at ``deadline_rate`` (at most half of ``max_rate``)."""
+        rate = float(self.deadline_rate)
+        if self.max_rate:
+            rate = min(rate, self.max_rate / 2)
+        return self.deadline_min_s + (size or 0) / rate
+
 
 class AgentConfig(_Section):
-    device_id: str = Field(default="edge-device", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-    targets: list[str] | None = None
-    labels: dict[str, str] = Field(default_factory=dict)
-    state_dir: Path = DEFAULT_STATE_DIR
-    trust_dir: Path = DEFAULT_TRUST_DIR
-    listen: str = "127.0.0.1:8000"
-    token: str | None = None
-    max_body_mb: float = Field(default=64, gt=0)
-    disk_quota_mb: float | None = Field(default=None, gt=0)
+    device_id: str | None = Field(
+        default=None,
+        pattern=DEVICE_ID_PATTERN,
+        description="This device's id (topic name); default edge-<hash of /etc/machine-id>.",
+        json_schema_extra=flag("--device-id"),
+    )
+    targets: list[str] | None = Field(
+        default=None,
+        description="Target(s) this device accepts; repeatable.",
+        json_schema_extra=flag("--target", dest="targets"),
+    )
+    labels: dict[str, str] = Field(
+        default_factory=dict,
+        description="Label KEY=VALUE (groups come from labels); repeatable.",
+        json_schema_extra=flag("--label", dest="labels"),
+    )
+    state_dir: Path = Field(
+        default=DEFAULT_STATE_DIR,
+        description="State directory (bundles, journal, transfers).",
+        json_schema_extra=flag("--state", dest="state"),
+    )
+    trust_dir: Path = Field(
+        default=DEFAULT_TRUST_DIR, description="Trust store directory.", json_schema_extra=flag("--trust", dest="trust")
+    )
+    listen: str = Field(
+        default="127.0.0.1:8000",
+        description="Local API address HOST:PORT (default 127.0.0.1:8000).",
+        json_schema_extra=flag("--listen"),
+    )
+    token: str | None = Field(
+        default=None,
+        description="Bearer token for the local API.",
+        json_schema_extra=flag("--token", envvar="EDGEPACK_TOKEN"),
+    )
+    max_body_mb: float = Field(
+        default=64, gt=0, description="Largest local API request body.", json_schema_extra=flag("--max-body-mb")
+    )
+    insecure_listen: bool = Field(
+        default=False,
+        description="Let the local API listen beyond loopback without a token (only on a trusted network).",
+        json_schema_extra=flag("--insecure-listen/--no-insecure-listen", dest="insecure_listen"),
+    )
+    listen_unix: Path | None = Field(
+        default=None,
+        description="Also serve the local API on this Unix-domain socket.",
+        json_schema_extra=flag("--listen-unix"),
+    )
+    listen_unix_mode: int = Field(
+        default=0o600, ge=0, le=0o777, description="File mode of the Unix socket: 0o600, or 0o660 for a group."
+    )
+    max_concurrent_requests: int | None = Field(
+        default=None,
+        ge=1,
+        description="Inference requests in flight before 503 + Retry-After (default: 4 per inference thread).",
+        json_schema_extra=flag("--max-concurrent-requests"),
+    )
+    max_queued_mb: float | None = Field(
+        default=None,
+        gt=0,
+        description="Body MiB held by in-flight requests before 503 (default: 4 bodies at the cap, <= 1/8 of RAM).",
+        json_schema_extra=flag("--max-queued-mb"),
+    )
+    disk_quota_mb: float | None = Field(
+        default=None, gt=0, description="Refuse transfers beyond this.", json_schema_extra=flag("--disk-quota-mb")
+    )
     runtime: RuntimeSettings = Field(default_factory=RuntimeSettings)
     broker: BrokerSettings = Field(default_factory=BrokerSettings)
     link: LinkSettings = Field(default_factory=LinkSettings)
@@ -174,3 +345,99 @@ def load_config(path: Path | None, overrides: dict[str, Any] | None = None) -> A
     except ValidationError as exc:
         problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
         raise ConfigError(f"agent config{f' {path}' if path else ''} is invalid: {problems}") from exc
+
+
+# --- flags, derived from the fields above ---------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FlagSpec:
+    """One ``agent run`` option: ``name`` on the command line, ``dest`` in Python, ``key`` in the config."""
+
+    name: str
+    dest: str
+    key: str
+    help: str
+    kind: type  # str, int, float, bool or Path
+    multiple: bool = False
+    envvar: str | None = None
+
+
+_KINDS: dict[str, type] = {"str": str, "int": int, "float": float, "bool": bool, "Path": Path}
+
+
+def _flag_kind(annotation: Any) -> tuple[type, bool]:
+    """(scalar type, repeatable) of a field's annotation: ``X | None`` → X; ``list[X]``/``dict`` → repeatable."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        (inner,) = [a for a in typing.get_args(annotation) if a is not type(None)]
+        return _flag_kind(inner)
+    if origin is list:
+        return typing.get_args(annotation)[0], True
+    if origin is dict:
+        return str, True  # KEY=VALUE pairs
+    return annotation, False
+
+
+def flag_specs(model: type[BaseModel] = AgentConfig, prefix: str = "") -> tuple[FlagSpec, ...]:
+    """Every field marked with :func:`flag`, sections included, in definition order."""
+    specs: list[FlagSpec] = []
+    for name, info in model.model_fields.items():
+        annotation = info.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            specs.extend(flag_specs(annotation, f"{prefix}{name}."))
+            continue
+        extra = info.json_schema_extra
+        marker = extra.get("flag") if isinstance(extra, dict) else None
+        if not isinstance(marker, dict):
+            continue
+        kind, multiple = _flag_kind(annotation)
+        if marker.get("kind"):
+            kind = _KINDS[str(marker["kind"])]
+        specs.append(
+            FlagSpec(
+                name=str(marker["name"]),
+                dest=str(marker.get("dest") or name),
+                key=f"{prefix}{name}",
+                help=info.description or "",
+                kind=kind,
+                multiple=multiple,
+                envvar=marker.get("envvar"),  # type: ignore[arg-type]
+            )
+        )
+    return tuple(specs)
+
+
+# --- the device id ---------------------------------------------------------------------------------
+
+
+def derive_device_id(machine_id: Path = MACHINE_ID) -> str | None:
+    """``edge-<first 12 hex of sha256(machine-id)>``, or None when there is no usable machine id."""
+    try:
+        text = machine_id.read_text(encoding="ascii").strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+    if not text or set(text) == {"0"}:  # systemd writes "uninitialized" or zeros on first boot in some images
+        return None
+    if text == "uninitialized":
+        return None
+    return f"edge-{hashlib.sha256(text.encode()).hexdigest()[:12]}"
+
+
+def resolve_device_id(config: AgentConfig, machine_id: Path = MACHINE_ID) -> tuple[AgentConfig, str]:
+    """The config with a device id and where it came from: ``"config"``, ``"machine-id"`` or ``"none"``.
+
+    Logs which, so that a fleet log says why a device has the name it has.
+    """
+    if config.device_id:
+        return config, "config"
+    derived = derive_device_id(machine_id)
+    if derived is None:
+        log.warning(
+            "no device_id configured and none derivable from %s: set device_id in agent.toml or --device-id "
+            "(the agent serves, but joins no broker without an id)",
+            machine_id,
+        )
+        return config, "none"
+    log.info("device id %s derived from %s (set device_id or --device-id to choose one)", derived, machine_id)
+    return config.model_copy(update={"device_id": derived}), "machine-id"

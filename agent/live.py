@@ -7,21 +7,31 @@ closes the old one when its last lease is returned. Nothing waits on the event l
 under a lock.
 
 :class:`LiveModels` is the collection of slots and implements the local API's ``ModelRepository``
-protocol (``acquire``, ``ready``, ``index``, ``server_ready``).
+protocol (``acquire``, ``ready``, ``index``, ``unready_models``).
+
+Readiness is strict (what users ask Triton and MLServer for): the server is ready only when every model
+the device *should* serve has a model in its slot. Which models those are comes from ``expected`` (for the
+agent, :class:`ActiveModels`: every name with an active bundle in the store's ``state.json``) plus the
+names given to :meth:`LiveModels.require` (``edgepack serve``'s bundle). A model enters a slot only after
+it loaded and passed its self-test (the installer's stage step; at boot too), so "in the slot" means "loaded
+and self-tested". A name that should serve and has no model (still loading, or its load failed) is not
+ready, with the reason, until a model that loaded is put in its slot.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from edgepack.errors import ModelNotFoundError, ModelNotReadyError
+from edgepack.agent.store import STATE_FILE, DeviceStore
+from edgepack.errors import EdgepackError, ModelNotFoundError, ModelNotReadyError
 from edgepack.manifest import Manifest, TensorSpec
 from edgepack.runtimes.base import LoadedModel
 
@@ -121,14 +131,69 @@ class SwapListener:
         """Called after an install of ``name`` was rolled back."""
 
 
-class LiveModels:
-    """All slots of a device; the local API's model repository."""
+class ActiveModels:
+    """The names with an active bundle in a store's ``state.json``: the models a device should serve.
 
-    def __init__(self, listener: SwapListener | None = None) -> None:
+    Called by readiness probes on the API's event loop, so it re-reads the file only when its
+    ``stat`` changes; a file that cannot be read keeps the last names read (and logs why once).
+    """
+
+    def __init__(self, store: DeviceStore) -> None:
+        self._store = store
+        self._path = store.root / STATE_FILE
+        self._key: tuple[int, int, int] | None = None
+        self._names: frozenset[str] = frozenset()
+        self._lock = threading.Lock()
+
+    def __call__(self) -> frozenset[str]:
+        try:
+            st = os.stat(self._path)
+        except FileNotFoundError:
+            return frozenset()  # an empty store: nothing to wait for
+        except OSError as exc:
+            log.warning("cannot stat %s (%s); readiness keeps the models it knew", self._path, exc)
+            return self._names
+        key = (st.st_mtime_ns, st.st_size, st.st_ino)
+        with self._lock:
+            if key != self._key:
+                self._key = key
+                try:
+                    state = self._store.load_state()
+                except (EdgepackError, OSError) as exc:
+                    log.warning("cannot read %s (%s); readiness keeps the models it knew", self._path, exc)
+                else:
+                    self._names = frozenset(name for name, entry in state.models.items() if entry.active)
+            return self._names
+
+
+class LiveModels:
+    """All slots of a device; the local API's model repository.
+
+    ``expected``: returns the names the device should serve (see the module docstring); none by default.
+    """
+
+    def __init__(
+        self, listener: SwapListener | None = None, *, expected: Callable[[], Iterable[str]] | None = None
+    ) -> None:
         self._slots: dict[str, ModelSlot] = {}
         self._lock = threading.Lock()
         self._failures: dict[str, str] = {}
+        self._required: set[str] = set()
+        self._expected = expected
         self.listener = listener or SwapListener()
+
+    def require(self, name: str) -> None:
+        """The server is not ready until ``name`` serves (e.g. the bundle ``edgepack serve`` was given)."""
+        with self._lock:
+            self._required.add(name)
+
+    def should_serve(self) -> set[str]:
+        """Every name the device should serve: ``expected`` plus the names given to :meth:`require`."""
+        with self._lock:
+            names = set(self._required)
+        if self._expected is not None:
+            names.update(self._expected())
+        return names
 
     def slot(self, name: str) -> ModelSlot:
         with self._lock:
@@ -156,25 +221,33 @@ class LiveModels:
         for slot in list(self._slots.values()):
             slot.swap(None)
 
+    def _why_not(self, name: str) -> str:
+        """Why ``name`` has no model in its slot."""
+        failure = self._failures.get(name)
+        return f"not loaded: {failure}" if failure else "not loaded yet"
+
+    def _unknown(self, name: str) -> ModelNotFoundError:
+        return ModelNotFoundError(
+            f"unknown model {name!r}; this device serves {', '.join(self.names()) or 'nothing yet'}"
+        )
+
     # --- ModelRepository protocol ---------------------------------------------------------------
 
     @contextlib.contextmanager
     def acquire(self, name: str, version: str | None = None) -> Iterator[LiveModel]:
         slot = self._slots.get(name)
         if slot is None:
-            raise ModelNotFoundError(
-                f"unknown model {name!r}; this device serves {', '.join(self.names()) or 'nothing yet'}"
-            )
+            if name in self.should_serve():
+                raise ModelNotReadyError(f"model {name!r} is {self._why_not(name)}")
+            raise self._unknown(name)
         with slot.lease() as model:
             if version is not None and version != model.version:
                 raise ModelNotFoundError(f"model {name!r} has no version {version!r}; it serves {model.version}")
             yield model
 
     def ready(self, name: str, version: str | None = None) -> bool:
-        if name not in self._slots:
-            raise ModelNotFoundError(
-                f"unknown model {name!r}; this device serves {', '.join(self.names()) or 'nothing yet'}"
-            )
+        if name not in self._slots and name not in self.should_serve():
+            raise self._unknown(name)
         model = self.current(name)
         if model is not None and version is not None and version != model.version:
             raise ModelNotFoundError(f"model {name!r} has no version {version!r}; it serves {model.version}")
@@ -182,16 +255,18 @@ class LiveModels:
 
     def index(self) -> list[dict[str, Any]]:
         entries = []
-        for name in sorted(self._slots):
-            model = self._slots[name].current
+        for name in sorted(set(self._slots) | self.should_serve()):
+            model = self.current(name)
             if model is not None:
                 reason = self._failures.get(name, "")
                 entries.append({"name": name, "version": model.version, "state": "READY", "reason": reason})
             else:
-                entries.append(
-                    {"name": name, "version": "", "state": "UNAVAILABLE", "reason": self._failures.get(name, "")}
-                )
+                reason = self._failures.get(name) or "not loaded yet"
+                entries.append({"name": name, "version": "", "state": "UNAVAILABLE", "reason": reason})
         return entries
 
+    def unready_models(self) -> dict[str, str]:
+        return {name: self._why_not(name) for name in sorted(self.should_serve()) if self.current(name) is None}
+
     def server_ready(self) -> bool:
-        return True
+        return not self.unready_models()

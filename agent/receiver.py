@@ -153,6 +153,15 @@ class Transfer:
         with self._changed:
             return [sha for sha in self._positions if sha not in self._held and sha not in self._queued]
 
+    def holds(self, sha256: str) -> bool:
+        """Whether chunk ``sha256`` is held or on its way to disk."""
+        with self._changed:
+            return sha256 in self._held or sha256 in self._queued
+
+    def chunk_bytes(self, sha256: str) -> int:
+        """Bytes of the file chunk ``sha256`` fills (a repeated chunk counts at each of its positions)."""
+        return self._sizes[sha256] * len(self._positions[sha256])
+
     def missing_positions(self) -> list[int]:
         return positions_of(self.index, self.missing())
 

@@ -23,8 +23,10 @@ from edgepack.agent.api.metrics import ApiMetrics
 from edgepack.agent.api.server import ServerHandle, serve, start_in_thread
 from edgepack.agent.config import AgentConfig
 from edgepack.agent.install import Installer, InstallResult
-from edgepack.agent.live import LiveModels, SwapListener
+from edgepack.agent.live import ActiveModels, LiveModels, SwapListener
 from edgepack.agent.store import DeviceStore
+from edgepack.agent.store_lock import StoreLock
+from edgepack.errors import EdgepackError
 from edgepack.trust import TrustStore
 
 log = logging.getLogger(__name__)
@@ -54,9 +56,15 @@ class DeviceAgent:
     def __init__(self, config: AgentConfig) -> None:
         self.config = config
         self.trust = TrustStore.load(config.trust_dir)
-        self.store = DeviceStore(config.state_dir)
+        self.lock = StoreLock.acquire(config.state_dir)  # one process per state directory, for our whole life
+        try:
+            self.store = DeviceStore(config.state_dir)
+        except BaseException:
+            self.lock.release()
+            raise
         self.metrics = ApiMetrics()
-        self.live = LiveModels(listener=MetricsListener(self.metrics))
+        # readiness waits for every model with an active bundle in state.json (agent/live.py)
+        self.live = LiveModels(listener=MetricsListener(self.metrics), expected=ActiveModels(self.store))
         self.installer = Installer(
             self.store,
             self.live,
@@ -90,6 +98,11 @@ class DeviceAgent:
             "token": self.config.token,
             "max_body_bytes": int(self.config.max_body_mb * (1 << 20)),
             "metrics": self.metrics,
+            "insecure_listen": self.config.insecure_listen,
+            "unix_path": self.config.listen_unix,
+            "unix_mode": self.config.listen_unix_mode,
+            "max_concurrent_requests": self.config.max_concurrent_requests,
+            "max_queued_bytes": int(self.config.max_queued_mb * (1 << 20)) if self.config.max_queued_mb else None,
         }
 
     def start_api(self, port: int | None = None) -> ServerHandle:
@@ -113,6 +126,7 @@ class DeviceAgent:
             self._api.stop()
             self._api = None
         self.live.close_all()
+        self.lock.release()
 
 
 def describe_store(store: DeviceStore, live: LiveModels | None = None) -> dict[str, Any]:
@@ -123,10 +137,25 @@ def describe_store(store: DeviceStore, live: LiveModels | None = None) -> dict[s
         row: dict[str, Any] = {"highest_version": entry.highest_version}
         for role in ("active", "previous"):
             digest = getattr(entry, role)
-            row[role] = {"version": store.manifest(digest).version, "bundle": digest} if digest else None
+            row[role] = {"version": _stored_version(store, digest), "bundle": digest} if digest else None
         if live is not None:
             current = live.current(name)
             row["serving"] = current.version if current else None
         models[name] = row
     journal = [j.data for j in store.journals()[-10:]]
-    return {"state_dir": str(store.root), "models": models, "recent_installs": journal}
+    # notices: what the store repaired on its own (a corrupt state.json or journal quarantined and rebuilt)
+    return {
+        "state_dir": str(store.root),
+        "models": models,
+        "recent_installs": journal,
+        "notices": list(store.notices),
+    }
+
+
+def _stored_version(store: DeviceStore, digest: str) -> str | None:
+    """The version of a stored bundle; None when its manifest is missing or unreadable (status never fails)."""
+    try:
+        return store.manifest(digest).version
+    except (OSError, EdgepackError) as exc:
+        log.warning("cannot read the manifest of stored bundle %s…: %s", digest[:12], exc)
+        return None

@@ -29,6 +29,7 @@ import numpy as np
 
 from edgepack.compiler.compare import AccuracyReport
 from edgepack.compiler.node_errors import analyse
+from edgepack.compiler.output_slices import concat_nodes
 from edgepack.compiler.quantize_ort import Int8Settings, quantize_int8
 from edgepack.compiler.speed import latency_ms
 from edgepack.errors import QuantizerError
@@ -127,7 +128,8 @@ def _static_search(
 ) -> Int8Outcome:
     import onnx
 
-    total_nodes = len(onnx.load(str(fp32_model), load_external_data=False).graph.node)
+    graph = onnx.load(str(fp32_model), load_external_data=False)
+    total_nodes = len(graph.graph.node)
     excluded: list[str] = []
     kept: list[KeptInFloat] = []
     tries: list[dict[str, Any]] = []
@@ -148,6 +150,8 @@ def _static_search(
             return Int8Outcome(candidate, settings, report, kept, tries)
         if not adaptive or step == max_steps:
             break
+        if keep_mixed_scale_concats(report, lambda output: concat_nodes(graph, output), excluded, kept, step):
+            continue
         findings = analyse(fp32_model, candidate, analysis_feeds)
         if not keep_worst_in_float(findings, excluded, kept, step):
             log.info("int8: no quantized tensor left to keep in float")
@@ -156,6 +160,38 @@ def _static_search(
             log.info("int8: %d of %d nodes would be float; int8 no longer pays", len(excluded), total_nodes)
             break
     return Int8Outcome(None, settings, report, kept, tries)
+
+
+def keep_mixed_scale_concats(
+    report: AccuracyReport,
+    nodes_of: Callable[[str], Sequence[str]],
+    excluded: list[str],
+    kept: list[KeptInFloat],
+    step: int,
+) -> int:
+    """Before any analysis: an output that fails the bar in a slice (boxes in pixels joined with
+    probabilities) gets the nodes that make it — its Concat and the producers of the Concat's inputs,
+    ``nodes_of(output)`` — kept in float, since one int8 scale cannot hold slices of different scales.
+    Returns how many outputs it acted on (0: nothing new to keep)."""
+    added = 0
+    by_name = {o.name: o for o in report.outputs}
+    for output in report.failing_slices():
+        new = tuple(n for n in nodes_of(output) if n not in excluded)
+        if not new:
+            continue
+        scales = ", ".join(f"{s.start}:{s.end} ~{s.scale:.3g}" for s in by_name[output].slices)
+        axis = by_name[output].slices[0].axis
+        excluded.extend(new)
+        kept.append(
+            KeptInFloat(
+                new,
+                f"output {output!r} joins slices of different scales on axis {axis} ({scales}) and int8 with one "
+                "scale loses the small ones: its concatenation and the tensors it joins stay float",
+                step + 1,
+            )
+        )
+        added += 1
+    return added
 
 
 def keep_worst_in_float(findings: Sequence[Any], excluded: list[str], kept: list[KeptInFloat], step: int) -> int:

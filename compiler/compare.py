@@ -8,6 +8,10 @@ are given, each model's accuracy. Integer outputs (indices, ids) get exact agree
 The bar (:class:`AccuracyBar`, default): top-1 agreement >= 99 %, labelled accuracy may drop by at most
 1 point, and outputs that are not class scores keep cosine similarity >= 0.99. ``--max-accuracy-drop X``
 sets the labelled drop to X points and the agreement floor to 100 - X.
+
+An output whose parts live on different scales (boxes in pixels concatenated with class probabilities;
+:mod:`edgepack.compiler.output_slices` finds them) is judged per slice as well: every slice must keep the
+cosine bar on its own, because the whole-tensor numbers are the large part's numbers.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from edgepack.compiler.output_slices import OutputSlices, find_slices
 from edgepack.manifest import TensorSpec
 
 Outputs = Sequence[Mapping[str, np.ndarray]]
@@ -38,6 +43,20 @@ class AccuracyBar:
 
 
 @dataclass
+class SliceReport:
+    """One slice of an output judged on its own (see :mod:`edgepack.compiler.output_slices`)."""
+
+    label: str  # "output0[axis 1, 4:84]"
+    axis: int
+    start: int
+    end: int
+    scale: float  # RMS of the original model's values in the slice
+    max_abs_diff: float
+    cosine_mean: float
+    cosine_min: float
+
+
+@dataclass
 class OutputReport:
     """Measured differences of one output."""
 
@@ -50,6 +69,8 @@ class OutputReport:
     top1_agreement: float | None = None  # percent
     accuracy_reference: float | None = None  # percent, with labels
     accuracy_compiled: float | None = None
+    slices: list[SliceReport] = field(default_factory=list)
+    slices_from: str | None = None  # where the slices came from ("Concat node 'x'", "value ranges", ...)
 
     @property
     def accuracy_drop(self) -> float | None:
@@ -82,7 +103,12 @@ class AccuracyReport:
                 margins.append(self.bar.max_accuracy_drop - out.accuracy_drop)
             if out.kind == "values" and out.cosine_mean is not None:
                 margins.append((out.cosine_mean - self.bar.min_cosine) * 100.0)
+            margins.extend((s.cosine_mean - self.bar.min_cosine) * 100.0 for s in out.slices)
         return min(margins) if margins else 0.0
+
+    def failing_slices(self) -> list[str]:
+        """Names of the outputs that fail the bar in one of their slices (the search keeps their concat float)."""
+        return [out.name for out in self.outputs if any(s.cosine_mean < self.bar.min_cosine for s in out.slices)]
 
     def summary(self) -> str:
         parts = []
@@ -90,6 +116,8 @@ class AccuracyReport:
             bits = [f"max|d| {out.max_abs_diff:.3g}"]
             if out.cosine_mean is not None:
                 bits.append(f"cos {out.cosine_mean:.4f}")
+            for sl in out.slices:
+                bits.append(f"[{sl.start}:{sl.end}] cos {sl.cosine_mean:.4f}")
             if out.top1_agreement is not None:
                 bits.append(f"top-1 agree {out.top1_agreement:.1f}%")
             if out.accuracy_drop is not None:
@@ -104,7 +132,7 @@ class AccuracyReport:
             "passed": self.passed,
             "bar": asdict(self.bar),
             "failures": list(self.failures),
-            "outputs": {o.name: _clean({k: v for k, v in asdict(o).items() if k != "name"}) for o in self.outputs},
+            "outputs": {o.name: _output_dict(o) for o in self.outputs},
         }
 
 
@@ -116,16 +144,25 @@ def compare_outputs(
     labels: np.ndarray | None = None,
     bar: AccuracyBar = AccuracyBar(),
     data: str = "",
+    slices: Mapping[str, OutputSlices] | None = None,
 ) -> AccuracyReport:
-    """Compare per-sample outputs of the original (``reference``) and compiled model."""
+    """Compare per-sample outputs of the original (``reference``) and compiled model.
+
+    ``slices``: outputs to judge per slice as well (the pipeline finds them once, from the graph and the
+    reference outputs); None finds them from the reference values alone."""
     if len(reference) != len(compiled) or not reference:
         raise ValueError(f"need as many compiled as reference samples (>0): {len(reference)} vs {len(compiled)}")
+    if slices is None:
+        slices = find_slices(reference, specs)
     reports = []
     labelled_done = False
     for spec in specs:
         ref = [np.asarray(r[spec.name]) for r in reference]
         got = [np.asarray(c[spec.name]) for c in compiled]
         report = _compare_one(spec, ref, got)
+        if spec.name in slices and report.kind != "integers":
+            report.slices = _compare_slices(slices[spec.name], ref, got)
+            report.slices_from = slices[spec.name].source
         if labels is not None and report.kind == "class_scores" and not labelled_done:
             _labelled(report, ref, got, labels)
             labelled_done = True
@@ -175,6 +212,28 @@ def _compare_one(spec: TensorSpec, ref: list[np.ndarray], got: list[np.ndarray])
     return report
 
 
+def _compare_slices(slices: OutputSlices, ref: list[np.ndarray], got: list[np.ndarray]) -> list[SliceReport]:
+    reports = []
+    for index, (start, end) in enumerate(slices.bounds):
+        cut = (slice(None),) * slices.axis + (slice(start, end),)
+        cosines = [_cosine(r[cut], g[cut]) for r, g in zip(ref, got, strict=True)]
+        diff = max(float(np.max(np.abs(r[cut].astype(np.float64) - g[cut]))) for r, g in zip(ref, got, strict=True))
+        scale = slices.scales[index] if index < len(slices.scales) else float("nan")
+        reports.append(
+            SliceReport(
+                slices.label(index),
+                slices.axis,
+                start,
+                end,
+                scale,
+                diff,
+                float(np.mean(cosines)),
+                float(np.min(cosines)),
+            )
+        )
+    return reports
+
+
 def _labelled(report: OutputReport, ref: list[np.ndarray], got: list[np.ndarray], labels: np.ndarray) -> None:
     r_top = np.concatenate([r.reshape(-1, r.shape[-1]).argmax(-1) for r in ref])
     g_top = np.concatenate([g.reshape(-1, g.shape[-1]).argmax(-1) for g in got])
@@ -200,6 +259,14 @@ def _failures(result: AccuracyReport) -> list[str]:
             )
         if out.kind == "values" and out.cosine_mean is not None and out.cosine_mean < bar.min_cosine:
             failures.append(f"{out.name}: cosine similarity {out.cosine_mean:.4f} < {bar.min_cosine}")
+        for sl in out.slices:
+            if sl.cosine_mean < bar.min_cosine:
+                others = ", ".join(f"{o.start}:{o.end} ~{o.scale:.3g}" for o in out.slices if o is not sl)
+                failures.append(
+                    f"{sl.label}: cosine similarity {sl.cosine_mean:.4f} < {bar.min_cosine} in this slice (values "
+                    f"~{sl.scale:.3g}; the output joins slices of other scales: {others}; {out.slices_from}; "
+                    f"whole tensor {out.cosine_mean:.4f})"
+                )
     return failures
 
 
@@ -212,6 +279,15 @@ def _cosine(a: np.ndarray, b: np.ndarray) -> float:
     if nx == 0.0 or ny == 0.0 or not (math.isfinite(nx) and math.isfinite(ny)):
         return 0.0
     return float(np.dot(x, y) / (nx * ny))
+
+
+def _output_dict(out: OutputReport) -> dict[str, Any]:
+    values = {k: v for k, v in asdict(out).items() if k not in ("name", "slices", "slices_from")}
+    result = _clean(values)
+    if out.slices:
+        result["slices_from"] = out.slices_from
+        result["slices"] = [_clean({k: v for k, v in asdict(s).items()}) for s in out.slices]
+    return result
 
 
 def _clean(values: dict[str, Any]) -> dict[str, Any]:

@@ -20,6 +20,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import onnx
 from google.protobuf.message import DecodeError
 
@@ -30,6 +31,11 @@ from edgepack.targets.registry import Target
 log = logging.getLogger(__name__)
 
 _DEFAULT_DOMAINS = ("", "ai.onnx")
+# The oldest default-domain opset onnxruntime (and so the reference outputs) still loads.
+MIN_OPSET = 7
+_FLOAT_TYPES = frozenset(
+    {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16}
+)
 
 
 @dataclass
@@ -71,17 +77,24 @@ def load_model(path: Path, target: Target, input_shapes: Mapping[str, Sequence[i
     data = _read(path)
     proto = _parse(path, data)
     opset = _opset(path, proto)
+    _check_references(path, proto)
+    _clear_negative_dims(proto.graph)
     try:
         onnx.checker.check_model(proto)
     except onnx.checker.ValidationError as exc:
         raise ModelLoadError(f"{path} is not a valid ONNX graph: {_first_line(exc)}") from exc
+    _check_input_dims(path, proto)
+    _check_finite_weights(path, proto)
     _check_ops(proto, target)
     fixed = _fix_shapes(proto, target, dict(input_shapes or {}))
     proto = _infer_shapes(path, proto)
     if fixed:
         from onnxruntime.tools.onnx_model_utils import fix_output_shapes
 
-        fix_output_shapes(proto)
+        try:
+            fix_output_shapes(proto)
+        except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
+            log.warning("%s: output shapes left as exported (%s)", path.name, _first_line(exc))
     inputs = tensor_specs(proto, "input")
     outputs = tensor_specs(proto, "output")
     metadata = {p.key: p.value for p in proto.metadata_props}
@@ -167,8 +180,96 @@ def _parse(path: Path, data: bytes) -> onnx.ModelProto:
 def _opset(path: Path, proto: onnx.ModelProto) -> int:
     for imp in proto.opset_import:
         if imp.domain in _DEFAULT_DOMAINS:
-            return int(imp.version)
+            version = int(imp.version)
+            newest = onnx.defs.onnx_opset_version()
+            if version < MIN_OPSET:
+                raise ModelLoadError(
+                    f"{path} uses ONNX opset {version}; the compiler and the runtimes take opset {MIN_OPSET} to "
+                    f"{newest}: re-export the model with a newer opset (13 or later is best for int8), or convert it "
+                    "with onnx.version_converter"
+                )
+            if version > newest:
+                raise ModelLoadError(
+                    f"{path} uses ONNX opset {version}, newer than any this compiler knows (onnx {onnx.__version__} "
+                    f"knows up to {newest}); re-export the model with opset {newest} or older"
+                )
+            return version
     raise ModelLoadError(f"{path} imports no default ONNX opset; it is not a standard ONNX model")
+
+
+def _check_references(path: Path, proto: onnx.ModelProto) -> None:
+    """Every tensor a top-level node reads exists: a graph input, an initializer or an earlier node's output.
+
+    The checker finds this too, but says "must be topologically sorted"; a missing initializer (a weight
+    file saved without its weights, a hand-edited graph) deserves its own message."""
+    graph = proto.graph
+    known = {v.name for v in graph.input} | {t.name for t in graph.initializer}
+    known |= {t.values.name for t in graph.sparse_initializer}
+    produced = {out for node in graph.node for out in node.output if out}
+    for node in graph.node:
+        for name in node.input:
+            if name and name not in known and name not in produced:
+                raise ModelLoadError(
+                    f"{path}: node {node.name or '(unnamed)'!r} (op {node.op_type}) reads tensor {name!r}, which no "
+                    "graph input, initializer or node provides (a missing weight?); re-export the model with its "
+                    "weights (onnx.save with save_as_external_data=False, or keep the external data files beside it)"
+                )
+        known.update(o for o in node.output if o)
+
+
+def _clear_negative_dims(graph: onnx.GraphProto) -> None:
+    """A ``dim_value`` below 0 (``-1``, how some exporters write "dynamic") is not valid ONNX; it becomes an
+    unknown dimension, as onnxruntime's own shape tools treat it — else shape inference reports a
+    mismatch between ``-1`` and the size it infers."""
+    for value in [*graph.input, *graph.output, *graph.value_info]:
+        if not value.type.HasField("tensor_type"):
+            continue
+        for dim in value.type.tensor_type.shape.dim:
+            if dim.HasField("dim_value") and dim.dim_value < 0:
+                dim.Clear()
+
+
+def _check_input_dims(path: Path, proto: onnx.ModelProto) -> None:
+    """A graph input with a dimension of 0 holds no data: no sample can fit it."""
+    initializers = {t.name for t in proto.graph.initializer}
+    for value in proto.graph.input:
+        if value.name in initializers or not value.type.HasField("tensor_type"):
+            continue
+        dims = value.type.tensor_type.shape.dim
+        zero = [i for i, d in enumerate(dims) if d.HasField("dim_value") and d.dim_value == 0]
+        if zero:
+            shape = [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in dims]
+            raise ModelLoadError(
+                f"{path}: input {value.name!r} has a dimension of 0 at position(s) {', '.join(map(str, zero))} "
+                f"(shape {shape}), so no input can fit it; re-export the model with the real size there, or a "
+                "dynamic dimension fixed with --input-shape"
+            )
+
+
+def _check_finite_weights(path: Path, proto: onnx.ModelProto) -> None:
+    """Weights holding NaN or infinity make every output NaN; say which initializer and who reads it."""
+    from onnx import numpy_helper
+
+    readers: dict[str, list[str]] = {}
+    for node in proto.graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node.name or node.op_type)
+    for tensor in proto.graph.initializer:
+        if tensor.data_type not in _FLOAT_TYPES:
+            continue
+        try:
+            array = numpy_helper.to_array(tensor)
+        except (ValueError, TypeError) as exc:
+            raise ModelLoadError(f"{path}: initializer {tensor.name!r} cannot be read: {exc}") from exc
+        bad = int(array.size - np.count_nonzero(np.isfinite(array)))
+        if bad:
+            nans = int(np.count_nonzero(np.isnan(array)))
+            who = ", ".join(repr(r) for r in readers.get(tensor.name, [])[:3]) or "no node"
+            raise ModelLoadError(
+                f"{path}: initializer {tensor.name!r} (read by {who}) holds {bad} non-finite value(s) "
+                f"({nans} NaN, {bad - nans} infinite) of {array.size}; the model's outputs would be NaN. "
+                "The training diverged or the export is broken: export again from a good checkpoint"
+            )
 
 
 def _check_ops(proto: onnx.ModelProto, target: Target) -> None:
@@ -185,8 +286,6 @@ def _check_ops(proto: onnx.ModelProto, target: Target) -> None:
 
 
 def _fix_shapes(proto: onnx.ModelProto, target: Target, requested: dict[str, list[int]]) -> dict[str, list[int]]:
-    from onnxruntime.tools.onnx_model_utils import make_input_shape_fixed
-
     graph = proto.graph
     specs = {s.name: s for s in tensor_specs(proto, "input")}
     unknown = [name for name in requested if name not in specs]
@@ -208,7 +307,7 @@ def _fix_shapes(proto: onnx.ModelProto, target: Target, requested: dict[str, lis
                 raise ConfigError(
                     f"--input-shape {name}: dimension {i} of input {name!r} is fixed at {have} in the model, not {want}"
                 )
-        make_input_shape_fixed(graph, name, list(dims))
+        set_input_dims(graph, name, list(dims))
         fixed[name] = list(dims)
     if target.static_shapes:
         for spec in tensor_specs(proto, "input"):
@@ -218,7 +317,7 @@ def _fix_shapes(proto: onnx.ModelProto, target: Target, requested: dict[str, lis
             if not isinstance(dims[0], int) and all(isinstance(d, int) for d in dims[1:]):
                 dims[0] = 1
                 log.info("input %r: dynamic batch dimension fixed to 1 for target %s", spec.name, target.name)
-                make_input_shape_fixed(graph, spec.name, dims)  # type: ignore[arg-type]
+                set_input_dims(graph, spec.name, dims)  # type: ignore[arg-type]
                 fixed[spec.name] = dims  # type: ignore[assignment]
                 continue
             dynamic = [f"{i} ({d})" for i, d in enumerate(spec.shape) if not isinstance(d, int)]
@@ -229,6 +328,22 @@ def _fix_shapes(proto: onnx.ModelProto, target: Target, requested: dict[str, lis
                 f"--input-shape {spec.name}={example} (N: the size to build for)"
             )
     return fixed
+
+
+def set_input_dims(graph: onnx.GraphProto, name: str, dims: Sequence[int]) -> None:
+    """Give graph input ``name`` the static shape ``dims``, each position on its own.
+
+    Not onnxruntime's ``make_input_shape_fixed``: it replaces a ``dim_param`` by name throughout the
+    graph, so an input ``[-1, 3, '?', '?']`` (PaddlePaddle's exports name every unknown dimension ``?``)
+    cannot become ``[1, 3, 48, 192]`` — the first ``?`` fixed to 48 makes the second one 48 too, and it
+    fails ("Can't replace existing fixed size of 48 with 192"). Here only the input's own dimensions change;
+    shape inference (run next by :func:`load_model`) carries the sizes through the graph.
+    """
+    value = next(v for v in graph.input if v.name == name)
+    shape = value.type.tensor_type.shape
+    for dim, size in zip(shape.dim, dims, strict=True):
+        dim.Clear()
+        dim.dim_value = int(size)
 
 
 def _dtype_name(elem_type: int) -> str:

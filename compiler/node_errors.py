@@ -22,7 +22,7 @@ from __future__ import annotations
 import logging
 import math
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,23 +58,18 @@ class NodeError:
 
 def analyse(float_model: Path, qdq_model: Path, feeds: Sequence[dict[str, np.ndarray]]) -> list[NodeError]:
     """Tensors and weights of ``qdq_model`` that int8 hurts, the most harmful first."""
-    from onnxruntime.quantization.qdq_loss_debug import create_activation_matching, create_weight_matching
+    from onnxruntime.quantization.qdq_loss_debug import create_weight_matching
 
     proto = onnx.load(str(float_model), load_external_data=False)
     graph = proto.graph
     shapes = _shapes(proto)
     neighbours = _neighbours(graph)
     producers = {out: node for node in graph.node for out in node.output if out}
-    float_acts = _activations(float_model, feeds)
-    matched = create_activation_matching(_activations(qdq_model, feeds), float_acts)
-
-    scores: dict[str, tuple[float, float]] = {}
-    for tensor, values in matched.items():
-        post, ref = values.get("post_qdq"), values.get("float")
-        if post is None or ref is None or tensor not in neighbours:
-            continue
-        shape = shapes.get(tensor)
-        scores[tensor] = _scores(_cat(ref, shape), _cat(post, shape))
+    scores = {
+        tensor: value
+        for tensor, value in _streamed_scores(float_model, qdq_model, feeds, shapes).items()
+        if tensor in neighbours
+    }
 
     def upstream(tensor: str, seen: set[str]) -> list[float]:
         """Scores of the nearest scored tensors feeding ``tensor``'s producer."""
@@ -102,22 +97,92 @@ def analyse(float_model: Path, qdq_model: Path, feeds: Sequence[dict[str, np.nda
     return findings
 
 
-def _activations(model: Path, feeds: Sequence[dict[str, np.ndarray]]) -> dict[str, list[np.ndarray]]:
-    """Every float tensor of ``model`` for each feed (onnxruntime's augmented-model helper)."""
-    from onnxruntime.quantization.calibrate import CalibrationDataReader
-    from onnxruntime.quantization.qdq_loss_debug import collect_activations, modify_model_output_intermediate_tensors
+def _streamed_scores(
+    float_model: Path, qdq_model: Path, feeds: Sequence[dict[str, np.ndarray]], shapes: dict[str, list[int | None]]
+) -> dict[str, tuple[float, float]]:
+    """(worst-channel, whole-tensor) SQNR of every quantized activation against the float model.
 
-    class _Reader(CalibrationDataReader):
-        def __init__(self) -> None:
-            self._it: Iterator[dict[str, np.ndarray]] = iter(feeds)
+    Streamed: both models run one feed at a time (onnxruntime's augmented models, every tensor an
+    output), each tensor's per-channel signal and noise energies are summed, and the sample's tensors are
+    dropped before the next one. Holding every activation of every sample (what onnxruntime's
+    ``collect_activations`` does) took a 640×640 detector past 24 GB; this holds one sample's.
+    """
+    import onnxruntime
+    from onnxruntime.quantization.qdq_loss_debug import (
+        create_activation_matching,
+        modify_model_output_intermediate_tensors,
+    )
 
-        def get_next(self) -> dict[str, np.ndarray] | None:
-            return next(self._it, None)
-
+    options = onnxruntime.SessionOptions()
+    options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_DISABLE_ALL
+    sums: dict[str, _EnergySums] = {}
     with tempfile.TemporaryDirectory(prefix="edgepack-nodes-") as tmp:
-        augmented = Path(tmp) / "augmented.onnx"
-        modify_model_output_intermediate_tensors(str(model), str(augmented))
-        return collect_activations(str(augmented), _Reader(), execution_providers=["CPUExecutionProvider"])
+        sessions = []
+        for label, model in (("float", float_model), ("qdq", qdq_model)):
+            augmented = Path(tmp) / f"{label}-augmented.onnx"
+            modify_model_output_intermediate_tensors(str(model), str(augmented))
+            sessions.append(onnxruntime.InferenceSession(str(augmented), options, providers=["CPUExecutionProvider"]))
+        for feed in feeds:
+            float_acts, qdq_acts = (_one_run(session, feed) for session in sessions)
+            matched = create_activation_matching(qdq_acts, float_acts)
+            del float_acts, qdq_acts
+            for tensor, values in matched.items():
+                post, ref = values.get("post_qdq"), values.get("float")
+                if post is None or ref is None:
+                    continue
+                shape = shapes.get(tensor)
+                sums.setdefault(tensor, _EnergySums()).add(_cat(ref, shape), _cat(post, shape))
+            del matched
+    return {tensor: s.scores() for tensor, s in sums.items()}
+
+
+def _one_run(session: object, feed: dict[str, np.ndarray]) -> dict[str, list[np.ndarray]]:
+    """One feed through an augmented model: {tensor name: [value]} (the saved-tensor outputs only)."""
+    from onnxruntime.quantization.qdq_loss_debug import _TENSOR_SAVE_POSTFIX
+
+    outputs = session.get_outputs()  # type: ignore[attr-defined]
+    values = session.run(None, feed)  # type: ignore[attr-defined]
+    return {
+        o.name[: -len(_TENSOR_SAVE_POSTFIX)]: [v]
+        for o, v in zip(outputs, values, strict=True)
+        if o.name.endswith(_TENSOR_SAVE_POSTFIX)
+    }
+
+
+class _EnergySums:
+    """Running per-channel signal and noise energies of one tensor over samples (see :func:`_scores`)."""
+
+    def __init__(self) -> None:
+        self.signal: np.ndarray | None = None
+        self.noise: np.ndarray | None = None
+        self.whole_signal = 0.0
+        self.whole_noise = 0.0
+
+    def add(self, reference: np.ndarray, quantized: np.ndarray) -> None:
+        ref = reference.astype(np.float64)
+        noise = ref - quantized.astype(np.float64)
+        self.whole_signal += float(np.sum(ref * ref))
+        self.whole_noise += float(np.sum(noise * noise))
+        if ref.ndim < 2:
+            return
+        axis = 1 if ref.ndim >= 3 else ref.ndim - 1
+        other = tuple(i for i in range(ref.ndim) if i != axis)
+        signal, error = np.sum(ref * ref, axis=other), np.sum(noise * noise, axis=other)
+        if self.signal is None or self.noise is None or self.signal.shape != signal.shape:
+            self.signal, self.noise = signal, error
+        else:
+            self.signal = self.signal + signal
+            self.noise = self.noise + error
+
+    def scores(self) -> tuple[float, float]:
+        whole = _sqnr(self.whole_signal, self.whole_noise)
+        if self.signal is None or self.noise is None:
+            return whole, whole
+        live = self.signal > 0
+        if not np.any(live):
+            return whole, whole
+        worst = min(_sqnr(float(s), float(e)) for s, e in zip(self.signal[live], self.noise[live], strict=True))
+        return worst, whole
 
 
 def _cat(values: Sequence[np.ndarray], shape: list[int | None] | None) -> np.ndarray:

@@ -38,7 +38,7 @@ import numpy as np
 from edgepack.compiler.accuracy_aware import KeptInFloat, keep_worst_in_float
 from edgepack.compiler.compare import AccuracyReport
 from edgepack.compiler.family import Conversion, ConvertJob, HostModel
-from edgepack.compiler.node_errors import _scores  # the per-channel SQNR of the ONNX Runtime analysis
+from edgepack.compiler.node_errors import _EnergySums, _scores  # the per-channel SQNR of the ONNX Runtime analysis
 from edgepack.compiler.openvino_convert import compiled_model, host_config, openvino_version, save_ir
 from edgepack.compiler.quantizer_failures import quantizer_failures
 from edgepack.targets.openvino_family import inference_precision
@@ -194,14 +194,20 @@ def analyse(float_model: Any, int8_model: Any, feeds: Feeds, *, max_candidates: 
         return []
     core = ov.Core()
     config = host_config({"inference_precision": "f32"})
-    q_values = _collect(core, int8_model, [(name, 0) for name, _p, _i, _c in pairs], feeds, config)
-    f_values = _collect(core, float_model, [(p, i) for _n, p, i, _c in pairs], feeds, config)
+    # streamed: one feed through both models at a time, energies summed per channel (never every tensor of
+    # every sample at once: that is what took a 640x640 detector's analysis to GBs)
+    sums = [_EnergySums() for _ in pairs]
+    q_run = _collector(core, int8_model, [(name, 0) for name, _p, _i, _c in pairs], feeds, config)
+    f_run = _collector(core, float_model, [(p, i) for _n, p, i, _c in pairs], feeds, config)
+    for feed in feeds:
+        for acc, quantized, original in zip(sums, q_run(feed), f_run(feed), strict=True):
+            acc.add(original, quantized)
     reference = _outputs(core, float_model, feeds, config)
     base = _output_sqnr(reference, _outputs(core, int8_model, feeds, config))
 
     scored = []
-    for (name, producer, index, consumers), quantized, original in zip(pairs, q_values, f_values, strict=True):
-        worst, whole = _scores(np.concatenate(original), np.concatenate(quantized))
+    for (name, producer, index, consumers), acc in zip(pairs, sums, strict=True):
+        worst, whole = acc.scores()
         scored.append((name, f"{producer}:{index}", worst, whole, consumers))
     # Bypassing costs a compile of the model per quantizer: test the likeliest culprits only, the tensors
     # with the lowest worst-channel and the lowest whole-tensor SQNR.
@@ -274,10 +280,8 @@ def _output_sqnr(reference: list[list[np.ndarray]], got: list[list[np.ndarray]])
     return min(_scores(np.concatenate(r), np.concatenate(g))[1] for r, g in zip(reference, got, strict=True))
 
 
-def _collect(
-    core: Any, model: Any, wanted: Sequence[tuple[str, int]], feeds: Feeds, config: dict[str, Any]
-) -> list[list[np.ndarray]]:
-    """The values of the ``wanted`` tensors (op friendly name, output index) for every feed.
+def _collector(core: Any, model: Any, wanted: Sequence[tuple[str, int]], feeds: Feeds, config: dict[str, Any]) -> Any:
+    """A function feed -> the values of the ``wanted`` tensors (op friendly name, output index) for it.
 
     A copy of ``model`` gets them as extra outputs; a graph input's value is the feed itself.
     """
@@ -296,12 +300,12 @@ def _collect(
     compiled = core.compile_model(clone, "CPU", config)
     request = compiled.create_infer_request()
     ports = dict(zip(extra, compiled.outputs[len(compiled.outputs) - len(added) :], strict=True))
-    values: list[list[np.ndarray]] = [[] for _ in wanted]
-    for feed in feeds:
+
+    def run(feed: dict[str, np.ndarray]) -> list[np.ndarray]:
         result = request.infer(dict(feed), share_outputs=False)
-        for i in range(len(wanted)):
-            values[i].append(np.asarray(feed[params[i]] if i in params else result[ports[i]]))
-    return values
+        return [np.asarray(feed[params[i]] if i in params else result[ports[i]]) for i in range(len(wanted))]
+
+    return run
 
 
 def _fake_quantizes(model: Any) -> list[Any]:

@@ -65,11 +65,12 @@ from edgepack.compiler.load import SourceModel, load_model
 from edgepack.compiler.load_tflite import TfliteSource, is_tflite, load_tflite
 from edgepack.compiler.node_errors import name_nodes
 from edgepack.compiler.optimize import OptimizeResult, optimize
+from edgepack.compiler.output_slices import find_slices, parse_output_slices
 from edgepack.compiler.progress import Progress
 from edgepack.compiler.runner import CPU_PLAN
 from edgepack.compiler.selftest_vectors import write_selftest
 from edgepack.datasets import SampleSource, load_samples
-from edgepack.errors import AccuracyError, ConfigError, ModelRunError, QuantizerError
+from edgepack.errors import AccuracyError, CompileError, ConfigError, EdgepackError, ModelRunError, QuantizerError
 from edgepack.manifest import Manifest, RuntimeRequirement
 from edgepack.targets.registry import Precision, Target, get_target
 
@@ -77,6 +78,10 @@ log = logging.getLogger(__name__)
 
 Source = SourceModel | TfliteSource
 _NAME_CLEAN = re.compile(r"[^A-Za-z0-9._-]+")
+# auto trades an int8 result that runs slower than fp32 for fp32 only where fp32 takes at least this long per
+# inference on this host: below it the timing is mostly call overhead and noise, and the choice would flip
+# from run to run (the int8 result is kept, with the speed warning).
+AUTO_SPEED_MIN_MS = 1.0
 
 
 @dataclass
@@ -97,6 +102,8 @@ class CompileRequest:
     selftest_samples: int = 8
     max_calibration_samples: int = 512
     expires_at: datetime | None = None
+    # outputs to judge per slice: "NAME:AXIS:START-END,START-END" (else found from the graph and the values)
+    output_slices: Sequence[str] = ()
 
 
 @dataclass
@@ -150,11 +157,12 @@ def compile_model(request: CompileRequest, progress: Progress | None = None) -> 
     if not 0.0 <= request.max_accuracy_drop <= 100.0:
         raise ConfigError(f"--max-accuracy-drop {request.max_accuracy_drop:g}: give points between 0 and 100")
     bar = AccuracyBar.from_max_drop(request.max_accuracy_drop)
+    slice_overrides = parse_output_slices(request.output_slices)
     timings: dict[str, float] = {}
 
     with tempfile.TemporaryDirectory(prefix="edgepack-compile-") as tmp_name:
         tmp = Path(tmp_name)
-        with _timed(progress, "load and check model", timings) as step:
+        with _timed(progress, "load and check model", timings, model=request.model) as step:
             source: Source
             if is_tflite(Path(request.model)):
                 source = load_tflite(request.model, target, converter.source_formats, request.input_shapes)
@@ -162,7 +170,7 @@ def compile_model(request: CompileRequest, progress: Progress | None = None) -> 
             else:
                 source = load_model(request.model, target, request.input_shapes)
                 step.detail(f"opset {source.opset}, {len(source.proto.graph.node)} nodes")
-        with _timed(progress, "read data", timings) as step:
+        with _timed(progress, "read data", timings, model=request.model) as step:
             calibration = load_samples(
                 request.calibration, source.inputs, what="calibration data", limit=request.max_calibration_samples
             )
@@ -180,7 +188,8 @@ def compile_model(request: CompileRequest, progress: Progress | None = None) -> 
             source_path = tmp / "source.onnx"
             onnx.save(source.proto, str(source_path))
             reference_model = HostModel(source_path, "onnxruntime", CPU_PLAN)
-        with _timed(progress, "reference outputs (original model)", timings, total=len(evaluation)) as step:
+        reference_step = "reference outputs (original model)"
+        with _timed(progress, reference_step, timings, model=request.model, total=len(evaluation)) as step:
             reference = run_host_model(
                 reference_model,
                 source.inputs,
@@ -189,6 +198,12 @@ def compile_model(request: CompileRequest, progress: Progress | None = None) -> 
                 what="original model",
                 on_sample=step.advance,
             )
+            # outputs of mixed scales (boxes in pixels joined with probabilities) are judged per slice too
+            slices = find_slices(
+                reference, source.outputs, source.proto if isinstance(source, SourceModel) else None, slice_overrides
+            )
+            if slices:
+                step.detail("judged per slice: " + ", ".join(f"{n} ({s.source})" for n, s in slices.items()))
         if reference_model.runtime != "onnxruntime":
             data_note += f"; reference outputs by {reference_model.runtime}"
 
@@ -196,7 +211,7 @@ def compile_model(request: CompileRequest, progress: Progress | None = None) -> 
         if isinstance(source, TfliteSource):
             float_model = FloatModel(source.path, "tflite", source.inputs, source.outputs)
         else:
-            with _timed(progress, "optimize graph", timings) as step:
+            with _timed(progress, "optimize graph", timings, model=request.model) as step:
                 optimized = optimize(source.proto, calibration.feeds)
                 fp32_proto = optimized.proto
                 name_nodes(fp32_proto)
@@ -209,19 +224,19 @@ def compile_model(request: CompileRequest, progress: Progress | None = None) -> 
 
         def evaluate(model: HostModel) -> AccuracyReport:
             outputs = run_host_model(model, source.inputs, source.outputs, evaluation.feeds, what="compiled model")
-            compiled_outputs[Path(model.path)] = outputs
+            compiled_outputs[Path(model.path)] = outputs[: request.selftest_samples]  # all the self-test needs
             return compare_outputs(
-                reference, outputs, source.outputs, labels=evaluation.labels, bar=bar, data=data_note
+                reference, outputs, source.outputs, labels=evaluation.labels, bar=bar, data=data_note, slices=slices
             )
 
         attempts: list[dict[str, Any]] = []
         conversions: list[Conversion] = []
         chosen: Conversion | None = None
         for index, precision in enumerate(chain):
-            with _timed(progress, _STEP_NAMES[precision], timings) as step:
+            with _timed(progress, _STEP_NAMES[precision], timings, model=request.model) as step:
                 job = ConvertJob(target, precision, float_model, calibration, evaluate, tmp, step.detail)
                 try:
-                    conversion = converter.convert(job)
+                    conversion = _convert(converter, job, _STEP_NAMES[precision], Path(request.model))
                 except (QuantizerError, ModelRunError) as exc:
                     if index == len(chain) - 1:
                         raise
@@ -245,7 +260,7 @@ def compile_model(request: CompileRequest, progress: Progress | None = None) -> 
 
         speed = None
         if chosen.baseline is not None:
-            with _timed(progress, "measure speed vs fp32", timings) as step:
+            with _timed(progress, "measure speed vs fp32", timings, model=request.model) as step:
                 speed = _speed(converter, chosen.baseline, compiled.host, evaluation.feeds[0])
                 step.detail(f"{speed['speedup_1_thread']:.2f}x faster than fp32 (1 thread, this CPU)")
             if speed["speedup_1_thread"] is not None and speed["speedup_1_thread"] < 1.0:
@@ -256,14 +271,35 @@ def compile_model(request: CompileRequest, progress: Progress | None = None) -> 
                     f"{kept}); if speed matters more than size, compile with --precision fp32"
                 )
                 log.warning("%s", speed["warning"])
+                if (
+                    requested == "auto"
+                    and precision == "int8"
+                    and "fp32" in target.precisions
+                    and speed["fp32_ms"] >= AUTO_SPEED_MIN_MS
+                ):
+                    # auto asked for the target's best; int8 that is not faster than fp32 is not that
+                    with _timed(progress, _STEP_NAMES["fp32"], timings, model=request.model) as step:
+                        job = ConvertJob(target, "fp32", float_model, calibration, evaluate, tmp, step.detail)
+                        fallback = _convert(converter, job, _STEP_NAMES["fp32"], Path(request.model))
+                        step.detail("passes" if fallback.passed else "fails the bar")
+                    if fallback.compiled is not None and fallback.report is not None:
+                        attempts[-1]["rejected"] = (
+                            f"int8 passes the bar but runs at {speed['speedup_1_thread']:.2f}x fp32 on this host "
+                            f"(1 thread{kept}), so auto picked fp32; compile with --precision int8 to keep int8"
+                        )
+                        attempts[-1]["speed"] = speed
+                        log.warning("%s", attempts[-1]["rejected"])
+                        attempts.append(_attempt(fallback))
+                        chosen, speed = fallback, None
+                        precision, compiled, report = chosen.precision, fallback.compiled, fallback.report
 
-        with _timed(progress, "self-test vectors", timings) as step:
+        with _timed(progress, "self-test vectors", timings, model=request.model) as step:
             n = min(request.selftest_samples, len(evaluation))
             outputs = compiled_outputs[Path(compiled.host.path)][:n]
             vectors = write_selftest(tmp, evaluation.feeds[:n], outputs, precision)
             step.detail(f"{n} samples, atol {vectors.selftest.atol:g}")
 
-        with _timed(progress, "write and sign bundle", timings) as step:
+        with _timed(progress, "write and sign bundle", timings, model=request.model) as step:
             manifest = _write(
                 request,
                 target,
@@ -462,13 +498,54 @@ def _accuracy_message(target: Target, requested: str, conversions: list[Conversi
     return "\n".join(lines)
 
 
-class _timed:
-    """A progress step that also records its duration in ``timings``."""
+def _convert(converter: Converter, job: ConvertJob, step: str, model: Path) -> Conversion:
+    """``converter.convert(job)``; an unexpected failure of a tool it drives becomes an error that names the
+    step and the model: a :class:`QuantizerError` for int8/fp16 (so ``auto`` records it and falls back to a
+    float precision), a :class:`CompileError` for fp32 (nothing left to fall back to)."""
+    try:
+        return converter.convert(job)
+    except EdgepackError:
+        raise
+    except Exception as exc:  # the boundary: a third-party tool's own exception types
+        log.info("%s failed", step, exc_info=True)
+        message = unexpected_failure(step, model, exc)
+        if job.precision == "fp32":
+            raise CompileError(message) from exc
+        raise QuantizerError(f"{message}; or compile with --precision fp32") from exc
 
-    def __init__(self, progress: Progress, name: str, timings: dict[str, float], total: int | None = None) -> None:
+
+def unexpected_failure(step: str, model: Path, exc: BaseException) -> str:
+    """The message for an exception no edgepack code turned into an error of its own: which step, which
+    model, the exception, and how to get the traceback."""
+    text = " ".join(str(exc).split())
+    if len(text) > 400:
+        text = text[:400] + " ..."
+    return (
+        f"step '{step}' failed on {model.name}: {type(exc).__name__}: {text or '(no message)'} "
+        "(an unexpected failure of edgepack or a tool it uses; rerun with --verbose for the traceback and report it)"
+    )
+
+
+class _timed:
+    """A progress step that also records its duration in ``timings``.
+
+    The boundary of a compile step: an exception that is not an :class:`EdgepackError` (a third-party tool
+    failing in a way the step's own code did not foresee) leaves it as a :class:`CompileError` naming the
+    step and the model, so no compile ends in a traceback; ``--verbose`` logs the traceback.
+    """
+
+    def __init__(
+        self,
+        progress: Progress,
+        name: str,
+        timings: dict[str, float],
+        total: int | None = None,
+        model: Path | None = None,
+    ) -> None:
         self._cm = progress.step(name, total)
         self._name = name
         self._timings = timings
+        self._model = Path(model) if model is not None else Path("the model")
 
     def __enter__(self) -> Any:
         import time
@@ -480,4 +557,9 @@ class _timed:
         import time
 
         self._timings[self._name] = time.perf_counter() - self._start
-        return self._cm.__exit__(*exc)
+        suppressed = self._cm.__exit__(*exc)
+        error = exc[1]
+        if isinstance(error, Exception) and not isinstance(error, EdgepackError) and not suppressed:
+            log.info("%s failed", self._name, exc_info=error)
+            raise CompileError(unexpected_failure(self._name, self._model, error)) from error
+        return suppressed

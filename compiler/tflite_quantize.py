@@ -49,7 +49,7 @@ from typing import Any
 
 import numpy as np
 
-from edgepack.compiler.accuracy_aware import KeptInFloat
+from edgepack.compiler.accuracy_aware import KeptInFloat, keep_mixed_scale_concats
 from edgepack.compiler.compare import AccuracyReport
 from edgepack.compiler.quantizer_failures import quantizer_failures
 from edgepack.compiler.tflite_graph import TfliteInfo, describe
@@ -210,7 +210,8 @@ def search_int8(
 ) -> TfliteInt8Outcome:
     """Find an int8 model of ``float_model`` that passes ``evaluate``'s bar; see the module docstring."""
     calibrator = Calibrator(float_model, calibration, inputs)
-    candidates = _quantizable_ops(describe(float_model))
+    structure = describe(float_model)
+    candidates = _quantizable_ops(structure)
     kept: list[KeptInFloat] = []
     tries: list[dict[str, Any]] = []
     report: AccuracyReport | None = None
@@ -245,6 +246,9 @@ def search_int8(
             return TfliteInt8Outcome(model, report, kept, tries)
         if step == max_steps:
             break
+        island = lambda output: [n for n in _concat_island(structure, output) if n in candidates]  # noqa: E731
+        if keep_mixed_scale_concats(report, island, keep, kept, step):
+            continue
         errors = analyse(float_model, path, analysis_feeds, inputs)  # again each step: errors move
         add = 1 if step < 2 else 2 ** (step - 1)
         fresh = [e for e in errors if e.tensor in candidates and not set(e.ops) <= set(keep)][:add]
@@ -312,6 +316,25 @@ def analyse(float_model: Path, int8_model: Path, feeds: Feeds, inputs: Sequence[
         found.append(OpError(op.op, op.outputs[0], out_db, before - out_db, _float_island(structure, op.outputs[0])))
     found.sort(key=lambda e: e.loss_db, reverse=True)
     return found
+
+
+def _concat_island(info: TfliteInfo, output: str) -> tuple[str, ...]:
+    """Ops (by output name) that keep graph output ``output``'s CONCATENATION and the tensors it joins in
+    float: the concatenation (found through reshapes/transposes, which are named too) and the producers of
+    its inputs. Empty when the output is not made by a concatenation."""
+    producers = {o: op for op in info.ops for o in op.outputs}
+    names: list[str] = []
+    op = producers.get(output)
+    while op is not None and op.op in _DATA_MOVEMENT and op.inputs:
+        names.append(op.outputs[0])
+        op = producers.get(op.inputs[0])
+    if op is None or op.op != "CONCATENATION":
+        return ()
+    names.append(op.outputs[0])
+    for tensor in op.inputs:
+        if tensor in producers and tensor not in names:
+            names.append(tensor)
+    return tuple(names)
 
 
 def _float_island(info: TfliteInfo, tensor: str) -> tuple[str, ...]:

@@ -17,10 +17,13 @@ tar file that ``tar tvf`` lists.
 Order of checks (nothing of the payload is read before the signatures verify)::
 
     manifest member → signatures member → parse manifest → trust rules (signatures, expiry)
+    → the caller's check on the verified manifest (the device's target, anti-rollback, runtime)
     → each payload member: name, size, then streamed sha256 → end marker → end of file
 
 ``extract_bundle`` writes the payload into a staging directory beside the destination and renames it
-into place only when everything verified; a rejected bundle leaves nothing behind.
+into place only when everything verified; a rejected bundle leaves nothing behind. Before the rename every
+file and directory of the staging tree is fsynced, and after it the parent directory, so a power cut
+never leaves a ``bundles/HASH`` directory with missing or empty entries.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ import os
 import shutil
 import tarfile
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -45,7 +48,7 @@ from edgepack.errors import (
     UnexpectedPayloadError,
     UnsafeArchiveError,
 )
-from edgepack.fsutil import atomic_writer, file_digest, fsync_dir
+from edgepack.fsutil import atomic_writer, ensure_dir, file_digest, fsync_dir, fsync_tree
 from edgepack.keys import SigningKey
 from edgepack.manifest import (
     MANIFEST_NAME,
@@ -194,32 +197,45 @@ def verify_bundle(path: Path, trust: TrustStore, *, now: datetime | None = None)
         return _Reader(fh).verify(trust, now=now, sink=None)
 
 
-def extract_bundle(path: Path, dest: Path, trust: TrustStore, *, now: datetime | None = None) -> Manifest:
+def extract_bundle(
+    path: Path,
+    dest: Path,
+    trust: TrustStore,
+    *,
+    now: datetime | None = None,
+    check: Callable[[Manifest], None] | None = None,
+) -> Manifest:
     """Verify the bundle and extract it into ``dest`` (which must not exist yet).
 
     ``dest`` receives ``manifest.json``, ``signatures.json`` (so the bundle can be verified again in
-    place) and the payload files. The payload is written to a staging directory beside ``dest`` while it is hashed; ``dest`` appears,
-    complete and synced, only when every check passed.
+    place) and the payload files. ``check``, when given, is called with the manifest right after its
+    signatures and expiry verified and before any payload byte is written: the device's own rules (target,
+    anti-rollback, runtime) are decided on the verified manifest, and what ``check`` raises refuses the
+    bundle. The payload is written to a staging directory beside ``dest`` while it is hashed; each file
+    is fsynced as it is closed, then every directory of the staging tree, then the staging directory is
+    renamed to ``dest`` and ``dest``'s parent fsynced. ``dest`` appears, complete and durable, only when
+    every check passed; a refused bundle leaves nothing behind.
     """
     dest = Path(dest)
     if dest.exists():
         raise FileExistsError(f"{dest} already exists")
-    dest.parent.mkdir(parents=True, exist_ok=True)
+    ensure_dir(dest.parent)
     staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".staging", dir=dest.parent))
     try:
         sink = _DirectorySink(staging)
         with open(path, "rb") as fh:
             reader = _Reader(fh)
-            manifest = reader.verify(trust, now=now, sink=sink)
+            manifest = reader.verify(trust, now=now, sink=sink, check=check)
         for name, data in zip((MANIFEST_NAME, SIGNATURES_NAME), reader.head, strict=True):
             with sink.open(name) as out:
                 out.write(data)
                 sink.close(out)
+        fsync_tree(staging)
         os.replace(staging, dest)
-        fsync_dir(dest.parent)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    fsync_dir(dest.parent)
     return manifest
 
 
@@ -304,13 +320,22 @@ class _Reader:
         self.head = (manifest, signatures)
         return self.head
 
-    def verify(self, trust: TrustStore, *, now: datetime | None, sink: _DirectorySink | None) -> Manifest:
+    def verify(
+        self,
+        trust: TrustStore,
+        *,
+        now: datetime | None,
+        sink: _DirectorySink | None,
+        check: Callable[[Manifest], None] | None = None,
+    ) -> Manifest:
         manifest_bytes, signatures_bytes = self.read_head()
         manifest = parse_manifest(manifest_bytes)
         if len(manifest.files) > MAX_PAYLOAD_FILES:
             raise UnsafeArchiveError(f"manifest lists {len(manifest.files)} files; the cap is {MAX_PAYLOAD_FILES}")
         trust.verify("manifest", manifest_bytes, decode_signatures(signatures_bytes), role="bundle")
         check_not_expired(manifest, now)
+        if check is not None:
+            check(manifest)
         for index, pinned in enumerate(manifest.files):
             name, size = self._next_header(required=f"payload {pinned.path}")
             if name is None:

@@ -34,6 +34,8 @@ catches :class:`EdgepackError` and prints its message with a non-zero exit code.
     │   └── AccuracyError           the result lost more accuracy than allowed
     ├── InstallError                the agent could not install a bundle
     │   └── SelfTestError           the bundle's self-test failed on this device
+    ├── StoreLockedError            another process holds the device's state directory
+    ├── ControlSocketError          the device daemon's control socket broke off or refused a request
     ├── ProtocolError               a malformed or unexpected MQTT message
     └── ApiError                    a request the local inference API cannot serve (4xx)
         ├── ModelNotFoundError, ModelNotReadyError
@@ -189,6 +191,20 @@ class SelfTestError(InstallError):
     """A bundle's self-test vectors did not reproduce on this device."""
 
 
+class StoreLockedError(EdgepackError):
+    """Another process holds the device's state directory (agent/store_lock.py); the message names it.
+
+    ``holder`` is the lock note (:class:`edgepack.agent.store_lock.LockHolder`) when one was readable."""
+
+    def __init__(self, message: str, *, holder: object = None) -> None:
+        super().__init__(message)
+        self.holder = holder
+
+
+class ControlSocketError(EdgepackError):
+    """The device daemon's control socket (agent/control.py) broke off or refused a request."""
+
+
 class ProtocolError(EdgepackError):
     """An MQTT message is malformed, of an unknown kind or not meant for us."""
 
@@ -202,7 +218,8 @@ class ProtocolError(EdgepackError):
 #   ├── ModelNotReadyError          the model exists but cannot serve now (loading, swapping out)
 #   ├── BadRequestError             malformed request: not JSON, bad fields, truncated binary data
 #   ├── RequestTooLargeError        the body is larger than the configured cap
-#   └── UnauthorizedError           missing or wrong bearer token
+#   ├── UnauthorizedError           missing or wrong bearer token
+#   └── ServerOverloadedError       the bound on requests in flight or their queued bytes is reached
 
 
 class ApiError(EdgepackError):
@@ -229,6 +246,10 @@ class UnauthorizedError(ApiError):
     """The API requires a bearer token and the request carries none or a wrong one."""
 
 
+class ServerOverloadedError(ApiError):
+    """The API's bound on requests in flight or on their queued bytes is reached: 503 with Retry-After."""
+
+
 # --- MQTT delivery -------------------------------------------------------------------------------
 # Subclasses of ProtocolError raised by edgepack.protocol, edgepack.mqtt and the agent's link. Each
 # carries a short machine-readable ``code`` that the device puts into the "rejected"/"result" event it
@@ -240,10 +261,13 @@ class UnauthorizedError(ApiError):
 #   ├── WrongRecipientError         a message for another device or a group this device is not in
 #   ├── ReplayedCommandError        a command id this device has already accepted
 #   ├── StaleCommandError           a command older than one already accepted, or past its expiry
+#   │   └── CommandExpiredError     an accepted command reached its expiry before it could finish
 #   ├── TransferError               a bundle transfer that cannot go on
 #   │   ├── ChunkMismatchError      a chunk whose bytes do not match its hash or size
 #   │   ├── IndexMismatchError      a chunk index that contradicts itself or the signed command
-#   │   └── QuotaExceededError      the bundle would not fit in the device's disk quota
+#   │   ├── QuotaExceededError      the bundle would not fit in the device's disk quota
+#   │   ├── TransferStalledError    what the transfer misses never arrives (gone from the broker)
+#   │   └── JobDeadlineError        a link job ran past its deadline
 #   └── BrokerConnectionError       the broker cannot be reached or refuses the connection
 
 
@@ -301,6 +325,24 @@ class QuotaExceededError(TransferError):
     code = "quota"
 
 
+class TransferStalledError(TransferError):
+    """A transfer that cannot progress: what it is missing never arrived, however often the device asked."""
+
+    code = "stalled"
+
+
+class JobDeadlineError(TransferError):
+    """A link job (fetch and install) ran past its deadline (``[link] deadline_min_s``/``deadline_rate``)."""
+
+    code = "deadline"
+
+
+class CommandExpiredError(StaleCommandError):
+    """An accepted command reached its ``expires_at`` before it could finish (while queued, running or pending)."""
+
+    code = "expired"
+
+
 class BrokerConnectionError(ProtocolError):
     """The MQTT broker cannot be reached or refuses the connection."""
 
@@ -324,3 +366,19 @@ class ToolchainError(EdgepackError):
 
 class ConversionError(CompileError):
     """A converter (e.g. onnx2tf) failed on the model; the message names the step and points to its log."""
+
+
+# --- fleet rollouts ------------------------------------------------------------------------------
+# Raised by edgepack.fleet (the rollout engine, its journal and the device registry).
+#
+#   EdgepackError
+#   └── FleetError                  a rollout or registry operation that cannot go ahead
+#       └── JournalLockedError      another operator process is running rollouts on this journal
+
+
+class FleetError(EdgepackError):
+    """A rollout, its journal or the device registry cannot do what was asked; the message says why."""
+
+
+class JournalLockedError(FleetError):
+    """Another operator process holds the rollout journal; the message names it."""

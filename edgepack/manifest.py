@@ -6,7 +6,8 @@ bundle. ``docs/bundle-format.md`` is the human-readable spec of these fields.
 
 Canonical encoding (what is stored and signed): UTF-8 JSON with sorted keys, no insignificant whitespace,
 no NaN/Infinity. :func:`parse_manifest` refuses bytes that are not in that form, so one manifest has
-exactly one signed byte string.
+exactly one signed byte string; JSON nested deeper than ``edgepack.fsutil.MAX_JSON_DEPTH`` is a
+``BundleFormatError`` like any other malformed manifest.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from packaging.specifiers import InvalidSpecifier, SpecifierSet
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from edgepack.errors import BundleFormatError
+from edgepack.fsutil import loads_json
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
@@ -217,8 +219,8 @@ def canonical_json(obj: Any) -> bytes:
 def parse_manifest(data: bytes) -> Manifest:
     """Parse and validate manifest bytes, which must be in canonical form."""
     try:
-        raw = json.loads(data.decode("utf-8"), parse_constant=reject_json_constant)
-    except (UnicodeDecodeError, json.JSONDecodeError, ValueError) as exc:
+        raw = loads_json(data, parse_constant=reject_json_constant)
+    except ValueError as exc:  # bad UTF-8, bad JSON, NaN/Infinity, nesting too deep (never RecursionError)
         raise BundleFormatError(f"manifest.json is not valid JSON: {exc}") from exc
     if not isinstance(raw, dict):
         raise BundleFormatError("manifest.json must hold a JSON object")

@@ -14,9 +14,11 @@ a reconnect, the last will, TLS, MQTT 5 properties):
   broker send retained messages again; subscribing once per connection is what keeps a resumed transfer
   from receiving a chunk twice. On MQTT 5 subscriptions use *retain handling 1* (retained messages only
   for a new subscription), so a resumed session does not bring them again either.
-- **MQTT 5 where there is MQTT 5.** Session expiry and receive maximum on connect (clean start on the
-  first connect of a process only, paho's ``MQTT_CLEAN_START_FIRST_ONLY``), message expiry and content type
-  on publish, a will delay; on 3.1.1 those are left out. Reason codes of refused connections and subscriptions are logged.
+- **MQTT 5 where there is MQTT 5.** Session expiry, receive maximum and maximum packet size on connect
+  (clean start on the first connect of a process only, paho's ``MQTT_CLEAN_START_FIRST_ONLY``), message
+  expiry and content type on publish, a will delay; on 3.1.1 those are left out. With a maximum packet
+  size the broker drops a larger message for us instead of sending it (MQTT 5 §3.1.2.11.4), so an oversized
+  payload never reaches the callbacks and the connection stays up. Reason codes of refused connections and subscriptions are logged.
 
 Callbacks run on paho's network thread; paho's ``suppress_exceptions`` keeps a failing callback from killing
 that thread (the agent's link also reports per-message errors itself).
@@ -107,6 +109,7 @@ class MqttOptions:
     reconnect_max_s: int = 30
     max_inflight: int = 20
     receive_maximum: int | None = None  # MQTT 5: QoS 1 messages the broker may have in flight to us
+    max_packet_size: int | None = None  # MQTT 5: the broker drops (never sends us) larger packets
 
     def __post_init__(self) -> None:
         if self.protocol not in PROTOCOLS:
@@ -243,6 +246,19 @@ class MqttClient:
             client.disconnect()
         client.loop_stop()
         self._connected.clear()
+
+    def set_handlers(
+        self,
+        *,
+        on_message: MessageHandler | None = None,
+        on_connect: ConnectHandler | None = None,
+        on_disconnect: DisconnectHandler | None = None,
+    ) -> None:
+        """Replace the callbacks (before :meth:`start`): for an owner made after its client, e.g. the agent's link."""
+        with self._lock:
+            self._on_message = on_message
+            self._on_connect = on_connect
+            self._on_disconnect = on_disconnect
 
     def set_will(self, will: Will) -> None:
         """Replace the last will; it takes effect with the next connection (MQTT sends it in CONNECT)."""
@@ -415,12 +431,15 @@ class MqttClient:
     def _start_client(self) -> None:
         assert self._client is not None
         properties = None
-        if self._protocol == "5" and (self.options.session_expiry_s or self.options.receive_maximum):
+        options = self.options
+        if self._protocol == "5" and (options.session_expiry_s or options.receive_maximum or options.max_packet_size):
             properties = Properties(PacketTypes.CONNECT)
-            if self.options.session_expiry_s:
-                properties.SessionExpiryInterval = self.options.session_expiry_s
-            if self.options.receive_maximum:
-                properties.ReceiveMaximum = self.options.receive_maximum
+            if options.session_expiry_s:
+                properties.SessionExpiryInterval = options.session_expiry_s
+            if options.receive_maximum:
+                properties.ReceiveMaximum = options.receive_maximum
+            if options.max_packet_size:
+                properties.MaximumPacketSize = options.max_packet_size
         self._client.connect_async(self.address.host, self.address.port, self.options.keepalive, properties=properties)
         self._client.loop_start()
 

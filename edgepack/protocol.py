@@ -17,7 +17,7 @@ fields are refused, so the bytes a signature covers mean exactly one thing. Mess
 
 Commands are signed: the signature (:func:`edgepack.trust.sign` with kind ``"command"``) covers the
 canonical JSON of the ``command`` object, which names its recipient, a unique id and a sequence number, so
-it cannot be redirected to another device or replayed (the device keeps the rules, in ``agent/link.py``).
+it cannot be redirected to another device or replayed (the device keeps the rules, in ``agent/link/book.py``).
 An install command pins the chunk index by sha256, the index pins every chunk by sha256, and the command
 pins the whole bundle file by sha256: content addressing from the signed command down to every byte.
 """
@@ -336,7 +336,9 @@ class TransferCounters(_Lenient):
 
 class ResultEvent(_Event):
     """How a command ended. ``rolled_back``: the install state machine refused it and the live model stayed;
-    ``failed``: it ended before the install (transfer, quota, index); ``superseded``: a newer command replaced it."""
+    ``failed``: it ended before the install (transfer, quota, index, stalled, deadline, expired);
+    ``superseded``: a newer command replaced it (``code`` ``superseded`` for a newer install, ``canceled`` for
+    a rollback of the same model, which also stops a running transfer)."""
 
     kind: Literal["result"] = "result"
     outcome: Literal["committed", "rolled_back", "failed", "superseded"]
@@ -394,6 +396,7 @@ class DeviceState(_Lenient):
     protocol: str | None = None
     agent_version: str | None = None
     dropped_events: int = 0
+    notices: list[str] = Field(default_factory=list)  # what the device had to repair or cannot do (added in 0.1)
 
     @field_validator("groups")
     @classmethod
@@ -422,7 +425,7 @@ def _load(payload: bytes, what: str, limit: int) -> dict[str, Any]:
         raise MalformedMessageError(f"{what} is {len(payload)} bytes, more than the {limit} allowed")
     try:
         raw = json.loads(payload.decode("utf-8"), parse_constant=reject_json_constant)
-    except (UnicodeDecodeError, ValueError) as exc:  # JSONDecodeError is a ValueError
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:  # JSONDecodeError is a ValueError; deep nesting
         raise MalformedMessageError(f"{what} is not valid JSON: {exc}") from exc
     if not isinstance(raw, dict):
         raise MalformedMessageError(f"{what} must be a JSON object")

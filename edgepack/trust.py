@@ -100,7 +100,7 @@ def encode_signatures(signatures: Iterable[Signature]) -> bytes:
 def decode_signatures(data: bytes) -> list[Signature]:
     try:
         obj = json.loads(data.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise SignatureInvalidError(f"signatures.json is not valid JSON: {exc}") from exc
     if not isinstance(obj, dict) or set(obj) != {"signatures"} or not isinstance(obj["signatures"], list):
         raise SignatureInvalidError('signatures.json must be {"signatures": [...]}')

@@ -23,6 +23,7 @@ The fleet rollout (waves, gates) builds on :class:`Deployer`.
 
 from __future__ import annotations
 
+import json
 import logging
 import queue
 import threading
@@ -33,7 +34,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TaskID, TextColumn
@@ -66,7 +67,15 @@ log = logging.getLogger(__name__)
 JSON = "application/json"
 PUBLISH_WINDOW = 64  # chunks in flight before the publisher waits for the oldest acknowledgement
 NEED_COALESCE_S = 2.0  # a chunk published again this recently is not published again for another need
-FINAL = ("committed", "rolled_back", "failed", "superseded", "rejected", "timeout")
+FINAL = ("committed", "rolled_back", "failed", "superseded", "rejected", "timeout", "offline")
+DEFAULT_OFFLINE_GRACE_S = 30.0  # a group member offline this long is not waited for (outcome "offline")
+
+
+class MessageHook(Protocol):
+    """Called on the network thread for a device state (``state`` None: the retained state was cleared)
+    or an event, with the device id taken from the topic it came on."""
+
+    def __call__(self, device: str, message: Any) -> None: ...
 
 
 @dataclass
@@ -177,12 +186,17 @@ class Deployer:
         observer: DeployObserver | None = None,
         *,
         connect_timeout: float = 10.0,
+        on_state: MessageHook | None = None,
+        on_event: MessageHook | None = None,
     ) -> None:
         self.topics = topics
+        self.on_state = on_state  # the fleet registry and the rollout engine listen here
+        self.on_event = on_event
         self.connect_timeout = connect_timeout  # what ``with Deployer(...)`` waits for the broker
         self.observer = observer or DeployObserver()
         self.client = MqttClient(options, on_message=self._on_message, on_connect=self._on_connect)
         self.states: dict[str, DeviceState] = {}
+        self.state_extras: dict[str, dict[str, Any]] = {}  # fields of a state this operator's schema lacks
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
         self._bundles: dict[str, ChunkedBundle] = {}
@@ -243,12 +257,24 @@ class Deployer:
         """Answer devices' ``need`` events for ``chunked`` from now on, without publishing it."""
         self._bundles[chunked.bundle] = chunked
 
-    def send(self, signed: SignedCommand, *, expiry_s: int | None = None, timeout: float = 30.0) -> None:
-        """Publish a signed command, retained, on its device's or group's command topic."""
+    def send(self, signed: SignedCommand, *, expiry_s: int | None = None, timeout: float | None = 30.0) -> Any:
+        """Publish a signed command, retained, on its device's or group's command topic (``timeout`` None:
+        do not wait for the acknowledgement; returns paho's message info)."""
         with self._lock:
             self._commands[signed.command.id] = signed
             self._following.setdefault(signed.command.id, {})
-        self.client.wait_published([self._publish_command(signed, expiry_s)], timeout)
+        info = self._publish_command(signed, expiry_s)
+        if timeout is not None:
+            self.client.wait_published([info], timeout)
+        return info
+
+    def retract(self, command_id: str, topic: str) -> Any:
+        """Clear the retained command on ``topic`` and stop publishing ``command_id`` again after a reconnect
+        (a device that already accepted it goes on: it persisted it; one that had not will never see it)."""
+        with self._lock:
+            self._commands.pop(command_id, None)
+            self._following.pop(command_id, None)
+        return self.client.publish(topic, b"", retain=True)
 
     def clear_bundle(self, chunked: ChunkedBundle, *, keep: Iterable[ChunkedBundle] = (), timeout: float = 60.0) -> int:
         """Remove the bundle's retained index and chunks from the broker, except chunks a bundle in ``keep``
@@ -282,10 +308,21 @@ class Deployer:
         with self._lock:
             return sorted(d for d, s in self.states.items() if group in s.groups)
 
-    def wait(self, command_id: str, devices: Iterable[str] | None, timeout: float) -> dict[str, DeviceProgress]:
+    def wait(
+        self,
+        command_id: str,
+        devices: Iterable[str] | None,
+        timeout: float,
+        *,
+        offline_grace: float | None = None,
+    ) -> dict[str, DeviceProgress]:
         """Follow ``command_id`` until every device in ``devices`` has a result (None: every device that
-        reports on it, ending when all of them have one), or ``timeout``; unfinished ones get ``timeout``."""
+        reports on it, ending when all of them have one), or ``timeout``; unfinished ones get ``timeout``.
+
+        With ``offline_grace``, a device whose state says it is offline (or whose retained state was
+        cleared, ``edgepack fleet forget``) for that long is not waited for: its outcome is ``offline``."""
         deadline = time.monotonic() + timeout
+        offline_since: dict[str, float] = {}
         with self._lock:
             following = self._following.setdefault(command_id, {})
             for device in devices or ():
@@ -295,6 +332,8 @@ class Deployer:
             self.observer.device(progress)
         with self._changed:
             while True:
+                if offline_grace is not None:
+                    self._drop_offline(following, offline_since, offline_grace)
                 names = expected if expected is not None else set(following)
                 if names and all(following[d].done for d in names if d in following) and names <= set(following):
                     break
@@ -312,6 +351,26 @@ class Deployer:
             self.observer.device(progress)
         return result
 
+    def _drop_offline(self, following: dict[str, DeviceProgress], since: dict[str, float], grace: float) -> None:
+        """Caller holds the lock: give ``offline`` to devices offline (or forgotten) for ``grace`` seconds."""
+        now = time.monotonic()
+        for name, progress in following.items():
+            if progress.done:
+                continue
+            gone = progress.online is False or name not in self.states
+            if not gone:
+                since.pop(name, None)
+                continue
+            if now - since.setdefault(name, now) >= grace:
+                progress.outcome, progress.phase = "offline", "done"
+                forgotten = name not in self.states
+                progress.reason = (
+                    f"no retained state (forgotten or never seen) for {grace:g} s"
+                    if forgotten
+                    else f"offline for {grace:g} s; it fetches the command when it returns"
+                )
+                self.observer.device(progress)
+
     # --- callbacks (network thread) --------------------------------------------------------------
 
     def _on_connect(self, session_present: bool) -> None:
@@ -324,7 +383,15 @@ class Deployer:
 
     def _on_message(self, message: Received) -> None:
         match = self.topics.parse(message.topic)
-        if match is None or not message.payload:
+        if match is None:
+            return
+        if not message.payload:
+            if match.kind == "state":  # a cleared retained state: the device was forgotten
+                with self._lock:
+                    self.states.pop(match.key, None)
+                    self.state_extras.pop(match.key, None)
+                if self.on_state is not None:
+                    self.on_state(match.key, None)
             return
         try:
             if match.kind == "sync":
@@ -333,13 +400,26 @@ class Deployer:
                     self._changed.notify_all()
             elif match.kind == "state":
                 state = parse_state(message.payload)
+                if state.device != match.key:
+                    log.warning("ignoring a state of %r published on %s's topic", state.device, match.key)
+                    return
+                extras = _state_extras(message.payload)
                 with self._lock:
                     self.states[state.device] = state
+                    self.state_extras[state.device] = extras
                     for following in self._following.values():
                         if state.device in following:
                             following[state.device].online = state.online
+                if self.on_state is not None:
+                    self.on_state(match.key, state)
             elif match.kind == "events":
-                self._on_event(parse_event(message.payload))
+                event = parse_event(message.payload)
+                if event.device != match.key:  # results count only from the device's own topic
+                    log.warning("ignoring an event of %r published on %s's topic", event.device, match.key)
+                    return
+                self._on_event(event)
+                if self.on_event is not None:
+                    self.on_event(match.key, event)
         except EdgepackError as exc:
             log.info("ignoring a malformed message on %s: %s", message.topic, exc)
 
@@ -425,6 +505,17 @@ class Deployer:
         )
 
 
+def _state_extras(payload: bytes) -> dict[str, Any]:
+    """Fields of a device state that :class:`DeviceState` does not define (``health``, ``runtime``, … of
+    newer agents), kept for the registry: the schema ignores them, the operator still shows them."""
+    try:
+        raw = json.loads(payload)
+    except ValueError:
+        return {}
+    known = set(DeviceState.model_fields)
+    return {k: v for k, v in raw.items() if k not in known} if isinstance(raw, dict) else {}
+
+
 def deploy(
     bundle: Path,
     *,
@@ -439,8 +530,12 @@ def deploy(
     ttl: timedelta = DEFAULT_COMMAND_TTL,
     observer: DeployObserver | None = None,
     connect_timeout: float = 10.0,
+    offline_grace: float | None = DEFAULT_OFFLINE_GRACE_S,
 ) -> DeployReport:
-    """Publish ``bundle`` and an install command to ``device`` or ``group``; with ``wait``, follow it."""
+    """Publish ``bundle`` and an install command to ``device`` or ``group``; with ``wait``, follow it.
+
+    Waiting on a group, members that are offline (or whose state was cleared) for ``offline_grace``
+    seconds end as ``offline`` instead of holding the wait until ``timeout`` (None: wait for them)."""
     if (device is None) == (group is None):
         raise ConfigError("deploy to exactly one of --device ID or --group NAME")
     if not keys:
@@ -476,7 +571,8 @@ def deploy(
             if group and not expected:
                 observer.note(f"no device has published state as a member of group {group!r} yet; waiting for any")
                 expected = None
-            report.devices = deployer.wait(command.id, expected, timeout)
+            grace = offline_grace if group else None
+            report.devices = deployer.wait(command.id, expected, timeout, offline_grace=grace)
             return report
     finally:
         observer.close()

@@ -1,15 +1,19 @@
 """The local inference API as an ASGI application: KServe v2 / Open Inference Protocol over HTTP.
 
-This is the transport: it routes URLs, reads the body under a size cap, checks the bearer token, runs
-inference on a thread pool (never on the event loop) and maps errors to status codes with a JSON
-``{"error": "..."}`` body. What each endpoint does lives in :mod:`~edgepack.agent.api.dataplane`.
+This is the transport: it routes URLs, admits inference requests under the load bound
+(:mod:`~edgepack.agent.api.admission`: 503 with ``Retry-After`` past it), reads the body under a size cap,
+checks the bearer token, runs inference on a thread pool (never on the event loop) and maps errors to
+status codes with a JSON ``{"error": "..."}`` body. What each endpoint does lives in
+:mod:`~edgepack.agent.api.dataplane`.
 
 A plain ASGI callable with a tiny router rather than Starlette/FastAPI: the API has a dozen fixed routes,
 and measured on the tiny model (same dataplane, uvicorn+httptools+uvloop, 2 cores, 4000 sequential binary
 requests, three rounds) the plain app cost ~525 µs of server CPU per request against ~660 µs under
 Starlette (~1190 vs ~935 req/s at concurrency 1). It also keeps the device install smaller.
 
-    GET  /v2/health/live  /v2/health/ready                     open even when a token is set
+    GET  /v2/health/live  /v2/health/ready                     open even when a token is set (ready names
+                                                               the models it waits for only to a client
+                                                               with the token)
     GET  /v2                                                   server metadata
     GET  /v2/models/{name}[/versions/{v}]                      model metadata
     GET  /v2/models/{name}[/versions/{v}]/ready
@@ -31,6 +35,7 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+from edgepack.agent.api.admission import RETRY_AFTER_S, Admission, Ticket, default_max_bytes, default_max_requests
 from edgepack.agent.api.codec import load_json
 from edgepack.agent.api.dataplane import DataPlane
 from edgepack.agent.api.metrics import UNKNOWN_MODEL, ApiMetrics
@@ -41,6 +46,7 @@ from edgepack.errors import (
     ModelNotFoundError,
     ModelNotReadyError,
     RequestTooLargeError,
+    ServerOverloadedError,
     UnauthorizedError,
 )
 
@@ -49,6 +55,7 @@ __all__ = ["DEFAULT_MAX_BODY_BYTES", "InferenceApp", "default_workers"]
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_BODY_BYTES = 64 * 1024 * 1024
+_INDEX_BODY_BYTES = 64 * 1024  # a repository index request is '{"ready": true}' at most
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -88,6 +95,8 @@ def _status_of(exc: Exception) -> tuple[int, str]:
         return 404, "not_found"
     if isinstance(exc, ModelNotReadyError):
         return 503, "not_ready"
+    if isinstance(exc, ServerOverloadedError):
+        return 503, "overloaded"
     if isinstance(exc, RequestTooLargeError):
         return 413, "too_large"
     if isinstance(exc, UnauthorizedError):
@@ -102,6 +111,9 @@ class InferenceApp:
 
     ``token``: when set, every endpoint but health requires ``Authorization: Bearer <token>``.
     ``max_body_bytes``: cap on a request body, after decompression too. ``workers``: inference threads.
+    ``max_concurrent_requests``/``max_queued_bytes``: the load bound on inference requests in flight and
+    their bodies (None: derived from ``workers`` and ``max_body_bytes``, see
+    :mod:`~edgepack.agent.api.admission`).
     """
 
     def __init__(
@@ -112,12 +124,20 @@ class InferenceApp:
         token: str | None = None,
         max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
         workers: int | None = None,
+        max_concurrent_requests: int | None = None,
+        max_queued_bytes: int | None = None,
     ) -> None:
         self.dataplane = DataPlane(repository)
         self.metrics = metrics if metrics is not None else ApiMetrics()
         self._token = token.encode() if token else None
         self._max_body = max_body_bytes
-        self._pool = ThreadPoolExecutor(max_workers=workers or default_workers(), thread_name_prefix="edgepack-infer")
+        workers = workers or default_workers()
+        self.admission = Admission(
+            max_concurrent_requests or default_max_requests(workers),
+            max_queued_bytes or default_max_bytes(max_body_bytes),
+            self.metrics,
+        )
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="edgepack-infer")
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
@@ -154,6 +174,8 @@ class InferenceApp:
                 log.debug("%s %s -> %d: %s", scope.get("method"), scope.get("path"), status, exc)
                 message = str(exc)
             headers = list(getattr(exc, "headers", []))
+            if isinstance(exc, ServerOverloadedError):
+                headers.append((b"retry-after", str(RETRY_AFTER_S).encode()))
             if status == 401:
                 headers.append((b"www-authenticate", b"Bearer"))
             if status == 413:
@@ -176,8 +198,7 @@ class InferenceApp:
             if parts[2] == "live":
                 return _ok({"live": True})
             if parts[2] == "ready":
-                ready = self.dataplane.server_ready()
-                return (200 if ready else 503, _json_bytes({"ready": ready}), _JSON, [])
+                return self._server_ready(scope)
         self._authorize(scope)
         if parts == ["v2"]:
             _allow(method, "GET")
@@ -186,7 +207,7 @@ class InferenceApp:
             return await self._model_route(method, parts[2:], scope, receive)
         if parts == ["v2", "repository", "index"]:
             _allow(method, "POST")
-            body = await self._read_body(scope, receive)
+            body = await self._read_body(scope, receive, cap=_INDEX_BODY_BYTES)
             request = load_json(body, "the repository index request") if body.strip() else None
             return _ok(self.dataplane.repository_index(request))
         if parts == ["metrics"]:
@@ -210,12 +231,29 @@ class InferenceApp:
             return _ok(self.dataplane.model_metadata(name, version))
         if action == "ready":
             _allow(method, "GET")
-            ready = self.dataplane.model_ready(name, version)
-            return (200 if ready else 503, _json_bytes({"name": name, "ready": ready}), _JSON, [])
+            ready, why = self.dataplane.model_readiness(name, version)
+            if ready:
+                return _ok({"name": name, "ready": True})
+            return (503, _json_bytes({"name": name, "ready": False, "reason": why}), _JSON, [])
         if action == "infer":
             _allow(method, "POST")
             return await self._infer(name, version, scope, receive)
         raise _HttpError(404, f"no such endpoint: {scope['path']}")
+
+    def _server_ready(self, scope: Scope) -> _Response:
+        """200 when every model the device should serve is loaded and self-tested; else 503 naming them
+        (and why) to a client allowed to see model names (the token, when one is set)."""
+        unready = self.dataplane.unready_models()
+        if not unready:
+            return _ok({"ready": True})
+        doc: dict[str, Any] = {"ready": False}
+        try:
+            self._authorize(scope)
+        except UnauthorizedError:
+            doc["not_ready"] = len(unready)  # how many, not which: health stays open without the token
+        else:
+            doc["not_ready"] = unready
+        return (503, _json_bytes(doc), _JSON, [])
 
     def _authorize(self, scope: Scope) -> None:
         if self._token is None:
@@ -232,8 +270,10 @@ class InferenceApp:
     async def _infer(self, name: str, version: str | None, scope: Scope, receive: Receive) -> _Response:
         started = time.perf_counter()
         label = name
+        ticket: Ticket | None = None
         try:
-            body = await self._read_body(scope, receive)
+            ticket = self.admission.admit(self._declared_size(scope, self._max_body))
+            body = await self._read_body(scope, receive, ticket=ticket)
             header_length = _header_length(scope)
             loop = asyncio.get_running_loop()
             encoded = await loop.run_in_executor(self._pool, self.dataplane.infer, name, version, body, header_length)
@@ -241,12 +281,15 @@ class InferenceApp:
             raise
         except Exception as exc:
             status, outcome = _status_of(exc)
-            if isinstance(exc, ModelNotFoundError):
+            if isinstance(exc, ModelNotFoundError) or (outcome == "overloaded" and not self._known(name)):
                 label = UNKNOWN_MODEL  # never let clients mint label values
             self.metrics.requests.labels(label, outcome).inc()
-            if status >= 500:
+            if status >= 500 and outcome != "overloaded":
                 self.metrics.failures.labels(label, type(exc).__name__).inc()
             raise
+        finally:
+            if ticket is not None:
+                ticket.release()
         self.metrics.requests.labels(label, "ok").inc()
         self.metrics.latency.labels(label).observe(time.perf_counter() - started)
         if encoded.header_length is None:
@@ -254,12 +297,31 @@ class InferenceApp:
         header = (b"inference-header-content-length", str(encoded.header_length).encode())
         return (200, encoded.body, _OCTETS, [header])
 
-    async def _read_body(self, scope: Scope, receive: Receive) -> bytes:
+    def _known(self, name: str) -> bool:
+        try:
+            self.dataplane.model_ready(name)
+        except ModelNotFoundError:
+            return False
+        return True
+
+    @staticmethod
+    def _declared_size(scope: Scope, cap: int) -> int:
+        """The body size ``Content-Length`` declares (0 when absent); 413 when it is past ``cap``."""
         declared = _header(scope, b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self._max_body:
-            raise RequestTooLargeError(
-                f"the body has {int(declared)} bytes; this server takes at most {self._max_body}"
-            )
+        if declared is None or not declared.isdigit():
+            return 0
+        size = int(declared)
+        if size > cap:
+            raise RequestTooLargeError(f"the body has {size} bytes; this server takes at most {cap}")
+        return size
+
+    async def _read_body(
+        self, scope: Scope, receive: Receive, *, cap: int | None = None, ticket: Ticket | None = None
+    ) -> bytes:
+        """The request body (decompressed), at most ``cap`` bytes (default: the body cap); ``ticket``
+        grows with it, so a body larger than it declared is refused (503) once it no longer fits."""
+        cap = self._max_body if cap is None else cap
+        self._declared_size(scope, cap)
         chunks: list[bytes] = []
         size = 0
         while True:
@@ -268,8 +330,10 @@ class InferenceApp:
                 raise _ClientGone
             chunk = message.get("body", b"")
             size += len(chunk)
-            if size > self._max_body:
-                raise RequestTooLargeError(f"the body is larger than this server's cap of {self._max_body} bytes")
+            if size > cap:
+                raise RequestTooLargeError(f"the body is larger than this server's cap of {cap} bytes")
+            if ticket is not None:
+                ticket.grow(size)
             chunks.append(chunk)
             if not message.get("more_body", False):
                 break
@@ -277,7 +341,10 @@ class InferenceApp:
         encoding = _header(scope, b"content-encoding")
         if encoding is None or encoding.lower() == b"identity":
             return body
-        return _decompress(body, encoding.lower(), self._max_body)
+        data = _decompress(body, encoding.lower(), cap)
+        if ticket is not None:
+            ticket.grow(len(data))
+        return data
 
 
 def _allow(method: str, allowed: str) -> None:

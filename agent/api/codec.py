@@ -57,6 +57,8 @@ except ImportError:  # pragma: no cover - the agent extra installs it
     _orjson = None
 
 _LENGTH = struct.Struct("<I")
+# the most dimensions a tensor may have: numpy 1 stops at 32 (numpy 2 at 64); no model signature comes near
+MAX_RANK = 32
 # which numpy kinds JSON data may hold for each datatype family (bool < int < float, never the reverse)
 _JSON_KINDS = {"b": "b", "u": "bui", "i": "bui", "f": "buif"}
 
@@ -123,6 +125,8 @@ def parse_request(body: bytes, header_length: int | None = None) -> InferenceReq
     request_id = doc.get("id")
     if request_id is not None and not isinstance(request_id, str):
         raise BadRequestError("'id' must be a string")
+    if request_id is not None and not _is_unicode(request_id):
+        raise BadRequestError("'id' is not valid Unicode (a lone surrogate escape?); the response could not echo it")
     parameters = _parameters(doc.get("parameters"), "the request")
     if not isinstance(parameters.get("binary_data_output", False), bool):
         raise BadRequestError("parameters.binary_data_output must be true or false")
@@ -156,6 +160,14 @@ def load_json(text: bytes, what: str = "the request header") -> Any:
         raise BadRequestError(f"{what} is not valid JSON: {exc}") from None
     except RecursionError:
         raise BadRequestError(f"{what} nests JSON too deeply") from None
+
+
+def _is_unicode(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _parameters(value: Any, where: str) -> dict[str, Any]:
@@ -215,8 +227,21 @@ def _parse_inputs(items: Any, tail: memoryview) -> list[RequestInput]:
 
 def _shape(value: Any, name: str) -> tuple[int, ...]:
     if not isinstance(value, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in value):
-        raise BadRequestError(f"input '{name}': 'shape' must be a list of non-negative integers, got {value!r}")
+        raise BadRequestError(f"input '{name}': 'shape' must be a list of non-negative integers, got {_brief(value)}")
+    if len(value) > MAX_RANK:
+        raise BadRequestError(
+            f"input '{name}': 'shape' has {len(value)} dimensions; this server takes at most {MAX_RANK}"
+        )
     return tuple(value)
+
+
+def _brief(value: Any, limit: int = 200) -> str:
+    """``repr(value)`` cut to ``limit`` characters, so a huge or deep value cannot blow up a message."""
+    try:
+        text = repr(value)
+    except RecursionError:
+        return "a value nested too deeply to show"
+    return text if len(text) <= limit else text[:limit] + "…"
 
 
 def _parse_outputs(items: Any) -> list[RequestedOutput] | None:
@@ -275,7 +300,10 @@ def decode_tensor(inp: RequestInput) -> np.ndarray:
         raise BadRequestError(
             f"input '{inp.name}': {array.size} elements in the data, but shape {list(inp.shape)} needs {count}"
         )
-    return array.reshape(inp.shape)
+    try:
+        return array.reshape(inp.shape)
+    except ValueError:  # e.g. [0, 2**62]: no elements, but numpy cannot describe the array
+        raise BadRequestError(f"input '{inp.name}': shape {list(inp.shape)} is too large to represent") from None
 
 
 def _numbers_from_json(data: Any, datatype: str, dtype: np.dtype, name: str) -> np.ndarray:
@@ -285,6 +313,8 @@ def _numbers_from_json(data: Any, datatype: str, dtype: np.dtype, name: str) -> 
         array = np.array(data)
     except ValueError:
         raise BadRequestError(f"input '{name}': 'data' is a ragged nested list") from None
+    except RecursionError:
+        raise BadRequestError(f"input '{name}': 'data' nests lists too deeply") from None
     if array.size == 0:
         return array.astype(dtype)
     if array.dtype.kind in "fO" and dtype.kind in "ui":
@@ -298,7 +328,11 @@ def _numbers_from_json(data: Any, datatype: str, dtype: np.dtype, name: str) -> 
         info = np.iinfo(dtype)
         if array.min() < info.min or array.max() > info.max:
             raise BadRequestError(f"input '{name}': a value in 'data' is out of range for {datatype}")
-    return array.astype(dtype, copy=False)
+    try:
+        with np.errstate(over="raise"):  # 1e300 as FP16/FP32 would turn into inf without a word
+            return array.astype(dtype, copy=False)
+    except FloatingPointError:
+        raise BadRequestError(f"input '{name}': a value in 'data' is out of range for {datatype}") from None
 
 
 def _big_ints_from_json(data: list[Any], datatype: str, dtype: np.dtype, name: str) -> np.ndarray:
@@ -322,16 +356,23 @@ def _bytes_from_json(data: Any, name: str) -> np.ndarray:
     for item in _flatten(data):
         if not isinstance(item, str):
             raise BadRequestError(f"input '{name}': BYTES 'data' must hold strings, got {type(item).__name__}")
+        if not _is_unicode(item):  # a lone surrogate escape such as "\\ud800"
+            raise BadRequestError(f"input '{name}': BYTES 'data' holds a string that is not valid Unicode")
         elements.append(item.encode("utf-8"))
     return _object_array(elements)
 
 
 def _flatten(data: Any) -> Iterator[Any]:
-    if isinstance(data, list):
-        for item in data:
-            yield from _flatten(item)
-    else:
-        yield data
+    """The leaves of nested lists, in order; iterative, so nesting depth cannot exhaust the stack."""
+    stack: list[Iterator[Any]] = [iter([data])]
+    while stack:
+        for item in stack[-1]:
+            if isinstance(item, list):
+                stack.append(iter(item))
+                break
+            yield item
+        else:
+            stack.pop()
 
 
 def deserialize_bytes(raw: memoryview | bytes, *, tensor: str) -> np.ndarray:

@@ -33,7 +33,21 @@ class DataPlane:
         self._repository = repository
 
     def server_ready(self) -> bool:
-        return self._repository.server_ready()
+        return not self._repository.unready_models()
+
+    def unready_models(self) -> dict[str, str]:
+        """The models that keep the server from being ready, name → why; empty when it is ready."""
+        return self._repository.unready_models()
+
+    def model_readiness(self, name: str, version: str | None = None) -> tuple[bool, str]:
+        """Whether the model can serve, and if not why; ModelNotFoundError for an unknown name or version."""
+        ready = self._repository.ready(name, version)
+        if ready:
+            return True, ""
+        why = self._repository.unready_models().get(name)
+        if why is None:  # not one the server waits for (e.g. its first install failed): the index says why
+            why = next((e.get("reason") for e in self._repository.index() if e.get("name") == name), None)
+        return False, why or "not ready"
 
     def server_metadata(self) -> dict[str, Any]:
         return {"name": SERVER_NAME, "version": edgepack.__version__, "extensions": list(EXTENSIONS)}

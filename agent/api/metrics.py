@@ -30,10 +30,13 @@ _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 
 class ApiMetrics:
     """The agent's metrics. Thread-safe: every method and metric may be used from any thread.
 
-    ``requests`` (labels ``model``, ``outcome``: ok, bad_request, not_found, not_ready, error),
+    ``requests`` (labels ``model``, ``outcome``: ok, bad_request, not_found, not_ready, overloaded, error),
     ``latency`` (label ``model``, seconds from body read to response ready), ``failures`` (labels
     ``model``, ``error``: requests that ended in a server error), ``active_model`` (labels ``model``,
-    ``version``; 1 for the version serving now), ``swaps`` and ``rollbacks`` (no labels).
+    ``version``; 1 for the version serving now), ``swaps`` and ``rollbacks`` (no labels); the load bound:
+    ``overloaded`` (label ``limit``: ``concurrency`` or ``queued_bytes``; requests answered 503), and the
+    gauges ``in_flight`` (inference requests admitted and not yet answered) and ``queued_bytes`` (their
+    request bodies).
     """
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
@@ -66,6 +69,20 @@ class ApiMetrics:
         self.swaps = Counter("edgepack_model_swaps", "Hot swaps to a new model version.", registry=self.registry)
         self.rollbacks = Counter(
             "edgepack_model_rollbacks", "Rollbacks to the previous model version.", registry=self.registry
+        )
+        self.overloaded = Counter(
+            "edgepack_inference_overloaded",
+            "Inference requests answered 503 (with Retry-After) because a load bound was reached, by bound.",
+            ["limit"],
+            registry=self.registry,
+        )
+        self.in_flight = Gauge(
+            "edgepack_inference_in_flight", "Inference requests admitted and not yet answered.", registry=self.registry
+        )
+        self.queued_bytes = Gauge(
+            "edgepack_inference_queued_bytes",
+            "Request body bytes held by inference requests admitted and not yet answered.",
+            registry=self.registry,
         )
         self._active: dict[str, str] = {}
         self._lock = threading.Lock()

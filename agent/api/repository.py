@@ -9,7 +9,7 @@ a swap happens meanwhile, and the repository may free the old model only once ev
 released. ``acquire`` raises :class:`~edgepack.errors.ModelNotFoundError` for an unknown name or version
 and :class:`~edgepack.errors.ModelNotReadyError` when the model cannot serve now.
 
-Threads: ``infer`` runs on the API's worker threads. ``ready``, ``index``, ``server_ready`` and the
+Threads: ``infer`` runs on the API's worker threads. ``ready``, ``index``, ``unready_models`` and the
 ``acquire`` made for model metadata run on the event loop, so they must be quick and never wait on I/O
 or on a swap in progress (answer "not ready" instead).
 
@@ -59,13 +59,17 @@ class ModelRepository(Protocol):
         ...
 
     def ready(self, name: str, version: str | None = None) -> bool:
-        """Whether the model can serve now; raises ModelNotFoundError for an unknown name/version."""
+        """Whether the model can serve now; raises ModelNotFoundError for an unknown name/version.
+
+        False while the model loads, and after its load failed, until a model that loaded (and passed its
+        self-test) is in its place."""
         ...
 
     def index(self) -> list[dict[str, str]]:
         """One ``{"name", "version", "state", "reason"}`` per model version known (KServe index)."""
         ...
 
-    def server_ready(self) -> bool:
-        """Whether the agent is ready to serve (its models loaded)."""
+    def unready_models(self) -> dict[str, str]:
+        """Every model the device should serve that cannot serve now, name → why (e.g. "loading", or why
+        its load failed); empty when the server is ready. ``GET /v2/health/ready`` answers 200 only then."""
         ...

@@ -68,6 +68,10 @@ class StaticRepository:
             for version in versions
         ]
 
+    def unready_models(self) -> dict[str, str]:
+        with self._lock:
+            return {name: "not ready" for name in sorted(self._not_ready)}
+
     def server_ready(self) -> bool:
         return not self._not_ready
 

@@ -47,7 +47,7 @@ def _root(
 keys_cmd.register(app)
 trust_cmd.register(app)
 bundle_cmd.register(app)
-for _optional in ("compile_cmd", "agent_cmd", "mqtt_cmd", "toolchain_cmd"):
+for _optional in ("compile_cmd", "agent_cmd", "mqtt_cmd", "fleet_cmd", "toolchain_cmd"):
     try:
         __import__(f"edgepack.cli.{_optional}", fromlist=["register"]).register(app)
     except ModuleNotFoundError as _exc:  # the module itself may not exist in a slim install

@@ -5,9 +5,12 @@ Agent imports happen inside the commands, so a host without the agent extra stil
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import typer
@@ -33,14 +36,32 @@ def register(app: typer.Typer) -> None:
         token: str | None = typer.Option(None, "--token", envvar="EDGEPACK_TOKEN", help="Require this bearer token."),
         threads: int | None = typer.Option(None, "--threads", help="Runtime intra-op threads."),
         state: Path | None = typer.Option(None, "--state", help="State directory (default: a temporary one)."),
+        insecure_listen: bool = typer.Option(
+            False, "--insecure-listen", help="Allow a --host beyond loopback without a --token (trusted networks only)."
+        ),
+        listen_unix: Path | None = typer.Option(
+            None, "--listen-unix", help="Also serve on this Unix-domain socket (mode 0600)."
+        ),
+        max_concurrent: int | None = typer.Option(
+            None, "--max-concurrent-requests", help="Inference requests in flight before 503 (default: 4 per thread)."
+        ),
+        max_queued_mb: float | None = typer.Option(
+            None, "--max-queued-mb", help="Body MiB held by requests in flight before 503 (default: derived)."
+        ),
     ) -> None:
         """Serve one bundle over the local KServe v2 API, offline (no broker).
 
-        The bundle goes through the full install (verify, self-test on this machine) before it serves.
+        The API listens at once and answers not ready (503, naming the model) until the bundle has gone
+        through the full install (verify, self-test on this machine).
         """
+        import signal
+        import threading
+
         from edgepack.agent.config import load_config
         from edgepack.agent.service import DeviceAgent
+        from edgepack.bundle import read_info
 
+        name = read_info(bundle).manifest.name
         with tempfile.TemporaryDirectory(prefix="edgepack-serve-") as tmp:
             config = load_config(
                 None,
@@ -50,17 +71,30 @@ def register(app: typer.Typer) -> None:
                     "listen": f"{host}:{port}",
                     "token": token,
                     "runtime.threads": threads,
+                    "insecure_listen": insecure_listen,
+                    "listen_unix": str(listen_unix) if listen_unix else None,
+                    "max_concurrent_requests": max_concurrent,
+                    "max_queued_mb": max_queued_mb,
                 },
             )
             agent = DeviceAgent(config)
-            agent.boot()
-            result = agent.install(bundle)
-            err_console.print(
-                f"serving [bold]{result.name}[/] {result.version} on http://{config.listen}/v2/models/{result.name} "
-                f"(self-test: {result.selftest or 'none'}); Ctrl-C stops"
-            )
+            stop = threading.Event()
             try:
-                agent.serve_forever()
+                agent.live.require(name)  # /v2/health/ready says 503 until this bundle serves
+                handle = agent.start_api()
+                agent.boot()
+                result = agent.install(bundle)
+                where = f"http://{handle.url}" + (f" and unix:{config.listen_unix}" if config.listen_unix else "")
+                err_console.print(
+                    f"serving [bold]{result.name}[/] {result.version} on {where}/v2/models/{result.name} "
+                    f"(self-test: {result.selftest or 'none'}); Ctrl-C stops"
+                )
+                if threading.current_thread() is threading.main_thread():
+                    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+                while not stop.wait(1.0):
+                    pass
+            except KeyboardInterrupt:
+                pass
             finally:
                 agent.close()
 
@@ -122,72 +156,137 @@ def register(app: typer.Typer) -> None:
     @agent.command("install")
     def install_cmd(
         bundle: Path = typer.Argument(..., exists=True, dir_okay=False, help="Bundle to install."),
-        trust: Path = typer.Option(..., "--trust", help=TRUST_HELP),
+        trust: Path | None = typer.Option(None, "--trust", help=TRUST_HELP + " " + STANDALONE_HELP),
         state: Path = typer.Option(..., "--state", help="The agent's state directory."),
-        target: list[str] = typer.Option([], "--target", help="Target(s) this device accepts; others are refused."),
+        target: list[str] = typer.Option(
+            [], "--target", help="Target(s) this device accepts; others are refused. " + STANDALONE_HELP
+        ),
     ) -> None:
-        """Install a bundle through the state machine: verify → stage (self-test) → switch → commit."""
-        from edgepack.agent.install import Installer
-        from edgepack.agent.live import LiveModels
-        from edgepack.agent.store import DeviceStore
-        from edgepack.trust import TrustStore
+        """Install a bundle through the state machine: verify → stage (self-test) → switch → commit.
 
-        store = DeviceStore(state)
-        live = LiveModels()
-        installer = Installer(store, live, TrustStore.load(trust), device_targets=set(target) or None)
-        installer.recover()
-        try:
-            result = installer.install(bundle)
-        finally:
-            live.close_all()
+        When `edgepack agent run` holds --state, the daemon does the install (its trust store and targets);
+        otherwise this command takes the state directory for itself.
+        """
+        from edgepack.agent.control import InstallRequest
+
+        result = _in_daemon_or_here(
+            state, InstallRequest(path=str(bundle.resolve())), trust, target, lambda agent: agent.install(bundle)
+        )
         console.print(
-            f"[green]committed[/] {result.name} {result.version} ({result.digest[:12]}…) timings {result.timings}"
+            f"[green]committed[/] {result['name']} {result['version']} ({result['digest'][:12]}…){_where(result)} "
+            f"timings {result['timings']}"
         )
 
     @agent.command("rollback")
     def rollback_cmd(
         name: str = typer.Argument(..., help="Model name to roll back to its kept previous bundle."),
-        trust: Path = typer.Option(..., "--trust", help=TRUST_HELP),
+        trust: Path | None = typer.Option(None, "--trust", help=TRUST_HELP + " " + STANDALONE_HELP),
         state: Path = typer.Option(..., "--state", help="The agent's state directory."),
     ) -> None:
-        """Go back to the previous bundle of a model (the one explicit exception to 'versions only go forward')."""
-        from edgepack.agent.install import Installer
-        from edgepack.agent.live import LiveModels
-        from edgepack.agent.store import DeviceStore
-        from edgepack.trust import TrustStore
+        """Go back to the previous bundle of a model (the one explicit exception to 'versions only go forward').
 
-        live = LiveModels()
-        try:
-            result = Installer(DeviceStore(state), live, TrustStore.load(trust)).rollback(name)
-        finally:
-            live.close_all()
-        console.print(f"[green]rolled back[/] {result.name} to {result.version}")
+        When `edgepack agent run` holds --state, the daemon does the rollback.
+        """
+        from edgepack.agent.control import RollbackRequest
+
+        result = _in_daemon_or_here(state, RollbackRequest(name=name), trust, [], lambda agent: agent.rollback(name))
+        console.print(f"[green]rolled back[/] {result['name']} to {result['version']}{_where(result)}")
 
     @agent.command("status")
     def status_cmd(
         state: Path = typer.Option(..., "--state", help="The agent's state directory."),
         as_json: bool = typer.Option(False, "--json", help="Print JSON."),
     ) -> None:
-        """Show what the device runs: per model the active and previous bundle, and recent installs."""
-        from edgepack.agent.service import describe_store
-        from edgepack.agent.store import DeviceStore
+        """Show what the device runs: per model the active and previous bundle, and recent installs.
 
-        status = describe_store(DeviceStore(state))
+        When `edgepack agent run` holds --state, this is the daemon's view (with what it serves now).
+        """
+        status = _status(state)
         if as_json:
             typer.echo(json.dumps(status, indent=2))
             return
-        table = Table(title=f"models in {state}")
-        for column in ("model", "active", "previous", "highest seen"):
+        daemon = status.get("daemon")
+        title = f"models in {state}" + (f" (daemon PID {daemon['pid']})" if daemon else "")
+        table = Table(title=title)
+        columns = ["model", "active", "previous", "highest seen"] + (["serving"] if daemon else [])
+        for column in columns:
             table.add_column(column)
         for name, row in status["models"].items():
-            table.add_row(
+            cells = [
                 name,
                 row["active"]["version"] if row["active"] else "-",
                 row["previous"]["version"] if row["previous"] else "-",
                 row["highest_version"] or "-",
-            )
+            ]
+            if daemon:
+                cells.append(row.get("serving") or "-")
+            table.add_row(*cells)
         console.print(table)
         for entry in status["recent_installs"]:
             console.print(
                 f"{entry['action']} {entry['name']} {entry['version']}: {entry['outcome'] or entry['state']} {entry['reason'] or ''}"
             )
+
+
+STANDALONE_HELP = "Used when no daemon (`edgepack agent run`) holds --state; a running daemon uses its own."
+
+
+def _in_daemon_or_here(
+    state: Path, request: Any, trust: Path | None, targets: list[str], work: Callable[[Any], Any]
+) -> dict[str, Any]:
+    """Run ``request`` in the daemon that holds ``state`` or, when none does, here under the store lock."""
+    from edgepack.agent.config import load_config
+    from edgepack.agent.control import ask_daemon
+    from edgepack.agent.service import DeviceAgent
+    from edgepack.errors import ConfigError, StoreLockedError
+
+    reply = ask_daemon(state, request)
+    if reply is not None:
+        daemon = reply.get("daemon") or {}
+        if trust is not None and Path(daemon.get("trust_dir", trust)).resolve() != trust.resolve():
+            err_console.print(f"note: the daemon verified against its own trust store {daemon['trust_dir']}, not {trust}")
+        return reply
+    if trust is None:
+        raise ConfigError(f"no daemon serves {state}; give --trust (the trust store bundles must verify against)")
+    config = load_config(None, {"state_dir": str(state), "trust_dir": str(trust), "targets": targets or None})
+    try:
+        agent = DeviceAgent(config)  # takes the store lock, or StoreLockedError naming the holder
+    except StoreLockedError:
+        reply = ask_daemon(state, request)  # a daemon that was just starting may answer now
+        if reply is not None:
+            return reply
+        raise
+    try:
+        for note in agent.installer.recover():  # safe: nobody else has the store
+            err_console.print(f"recovered: {note}")
+        return dataclasses.asdict(work(agent))
+    finally:
+        agent.close()
+
+
+def _where(result: dict[str, Any]) -> str:
+    daemon = result.get("daemon")
+    return f" by the daemon (PID {daemon['pid']})" if daemon else ""
+
+
+def _status(state: Path) -> dict[str, Any]:
+    """The daemon's view when one holds ``state``; else what the files say (status changes nothing)."""
+    from edgepack.agent.control import StatusRequest, ask_daemon
+    from edgepack.agent.service import describe_store
+    from edgepack.agent.store import DeviceStore
+    from edgepack.agent.store_lock import StoreLock
+    from edgepack.errors import StoreLockedError
+
+    reply = ask_daemon(state, StatusRequest())
+    if reply is not None:
+        return reply
+    try:
+        lock = StoreLock.acquire(state)
+    except StoreLockedError as exc:
+        # status only reads files that are always replaced whole, so a holder without a control socket
+        # (`edgepack serve`, a daemon still starting) does not stop it; the note says what is missing
+        err_console.print(f"note: {exc.holder.describe() if exc.holder else 'another process'} holds {state} and "
+                          "its control socket does not answer: showing the files on disk, not what it serves")  # fmt: skip
+        return describe_store(DeviceStore(state))
+    with lock:
+        return describe_store(DeviceStore(state))

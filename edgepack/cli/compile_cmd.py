@@ -51,28 +51,36 @@ def compile_command(
         1.0, "--max-accuracy-drop", help="Allowed labelled-accuracy drop in points (top-1 agreement >= 100 - X)."
     ),
     selftest_samples: int = typer.Option(8, "--selftest-samples", help="Samples in the self-test vectors."),
+    output_slices: list[str] = typer.Option(
+        [],
+        "--output-slices",
+        help="Judge an output per slice: NAME:AXIS:START-END,START-END (END exclusive; repeatable). "
+        "Found automatically for outputs that join parts of different scales.",
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON instead of tables."),
 ) -> None:
     """Compile MODEL for a target: optimize, quantize or convert, check accuracy, sign a bundle."""
     from edgepack.compiler.load import parse_input_shapes
     from edgepack.compiler.pipeline import CompileRequest, compile_model
 
-    request = CompileRequest(
-        model=model,
-        target=target,
-        calibration=calibration,
-        validation=validation,
-        output=out,
-        keys=key,
-        precision=precision,
-        input_shapes=parse_input_shapes(input_shape),
-        name=name,
-        version=version,
-        max_accuracy_drop=max_accuracy_drop,
-        selftest_samples=selftest_samples,
-    )
-    with _rich_progress() as progress:
-        result = compile_model(request, progress)
+    with _input_errors_exit_2():
+        request = CompileRequest(
+            model=model,
+            target=target,
+            calibration=calibration,
+            validation=validation,
+            output=out,
+            keys=key,
+            precision=precision,
+            input_shapes=parse_input_shapes(input_shape),
+            name=name,
+            version=version,
+            max_accuracy_drop=max_accuracy_drop,
+            selftest_samples=selftest_samples,
+            output_slices=output_slices,
+        )
+        with _rich_progress() as progress:
+            result = compile_model(request, progress)
     if as_json:
         console.print_json(json.dumps(result.to_dict()))
         return
@@ -124,6 +132,15 @@ def _print_result(result: CompileResult) -> None:
             "—" if o.top1_agreement is None else f"{o.top1_agreement:.2f}%",
             accuracy,
         )
+        for sl in o.slices:
+            table.add_row(
+                escape(f"  {sl.start}:{sl.end} (axis {sl.axis}, ~{sl.scale:.3g})"),
+                f"{sl.max_abs_diff:.4g}",
+                "",
+                f"{sl.cosine_mean:.5f}",
+                "—",
+                "—",
+            )
     console.print(table)
     bar = acc.bar
     console.print(
@@ -149,6 +166,22 @@ def _print_result(result: CompileResult) -> None:
     for attempt in result.attempts[:-1]:
         why = attempt.get("rejected") or attempt.get("error") or "it failed the bar"
         console.print(f"[yellow]tried {attempt['precision']} first: {why}[/]", highlight=False)
+
+
+# What the user gave is wrong (the model file, a flag, the data): exit 2, like a usage error. Everything else
+# a compile can fail with (accuracy, an op the target cannot run, a toolchain) exits 1 through edgepack.cli.main.
+INPUT_ERROR_EXIT = 2
+
+
+@contextmanager
+def _input_errors_exit_2() -> Iterator[None]:
+    from edgepack.errors import ConfigError, DataError, ModelLoadError
+
+    try:
+        yield
+    except (ConfigError, DataError, ModelLoadError) as exc:
+        err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False)
+        raise typer.Exit(INPUT_ERROR_EXIT) from exc
 
 
 @contextmanager

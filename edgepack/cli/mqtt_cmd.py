@@ -7,11 +7,13 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import uuid
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Optional
 
 import typer
 from rich.table import Table
@@ -53,6 +55,34 @@ def _operator_options(
     )  # fmt: skip
 
 
+def _derive_options(command: Callable[..., None]) -> None:
+    """Give ``agent run`` one option per setting that ``agent/config.py`` marks as a flag (``flag_specs``): the
+    options are derived from the config's fields, never spelled out again here."""
+    from edgepack.agent.config import flag_specs
+
+    parameters = [
+        inspect.Parameter(
+            "config",
+            inspect.Parameter.KEYWORD_ONLY,
+            default=typer.Option(None, "--config", exists=True, dir_okay=False, help="agent.toml to read."),
+            annotation=Optional[Path],
+        )
+    ]
+    for spec in flag_specs():
+        annotation: Any = list[spec.kind] if spec.multiple else Optional[spec.kind]
+        default: Any = [] if spec.multiple else None
+        parameters.append(
+            inspect.Parameter(
+                spec.dest,
+                inspect.Parameter.KEYWORD_ONLY,
+                default=typer.Option(default, *spec.name.split(" "), envvar=spec.envvar, help=spec.help),
+                annotation=annotation,
+            )
+        )
+    command.__signature__ = inspect.Signature(parameters)  # type: ignore[attr-defined]
+    command.__annotations__ = {p.name: p.annotation for p in parameters} | {"return": type(None)}
+
+
 def _agent_group(app: typer.Typer) -> typer.Typer:
     for info in app.registered_groups:
         if info.name == "agent" and info.typer_instance is not None:
@@ -65,83 +95,19 @@ def _agent_group(app: typer.Typer) -> typer.Typer:
 def register(app: typer.Typer) -> None:
     agent = _agent_group(app)
 
-    @agent.command("run")
-    def run_cmd(
-        config: Path | None = typer.Option(None, "--config", exists=True, dir_okay=False, help="agent.toml to read."),
-        device_id: str | None = typer.Option(None, "--device-id", help="This device's id (topic name)."),
-        label: list[str] = typer.Option([], "--label", help="Label KEY=VALUE (groups come from labels); repeatable."),
-        target: list[str] = typer.Option([], "--target", help="Target(s) this device accepts; repeatable."),
-        state: Path | None = typer.Option(None, "--state", help="State directory (bundles, journal, transfers)."),
-        trust: Path | None = typer.Option(None, "--trust", help="Trust store directory."),
-        listen: str | None = typer.Option(
-            None, "--listen", help="Local API address HOST:PORT (default 127.0.0.1:8000)."
-        ),
-        token: str | None = typer.Option(
-            None, "--token", envvar="EDGEPACK_TOKEN", help="Bearer token for the local API."
-        ),
-        threads: int | None = typer.Option(None, "--threads", help="Runtime intra-op threads."),
-        accelerators: bool | None = typer.Option(
-            None, "--accelerators/--no-accelerators", help="Let runtimes use GPUs/NPUs (default: yes)."
-        ),
-        runtime_cache: Path | None = typer.Option(None, "--runtime-cache", help="Runtime cache directory."),
-        max_body_mb: float | None = typer.Option(None, "--max-body-mb", help="Largest local API request body."),
-        disk_quota_mb: float | None = typer.Option(None, "--disk-quota-mb", help="Refuse transfers beyond this."),
-        broker: str | None = typer.Option(None, "--broker", help="mqtt://HOST[:PORT] or mqtts://HOST[:PORT]."),
-        ca: Path | None = CA,
-        cert: Path | None = CERT,
-        key: Path | None = typer.Option(None, "--key", help="Client certificate's private key."),
-        username: str | None = USERNAME,
-        password: str | None = PASSWORD,
-        prefix: str | None = typer.Option(None, "--prefix", help="Topic prefix (default edgepack)."),
-        protocol: str | None = typer.Option(None, "--protocol", help="auto (MQTT 5, else 3.1.1), 3.1.1 or 5."),
-        keepalive: int | None = typer.Option(None, "--keepalive", help="MQTT keepalive in seconds."),
-        max_buffered_events: int | None = typer.Option(
-            None, "--max-buffered-events", help="Events kept while offline."
-        ),
-        max_rate: str | None = typer.Option(None, "--max-rate", help="Cap on chunk intake, bytes/s (e.g. 500k, 2M)."),
-        stall: float | None = typer.Option(
-            None, "--stall", help="Seconds without a chunk before asking for missing ones (default 5)."
-        ),
-        session_expiry: int | None = typer.Option(
-            None, "--session-expiry", help="MQTT 5 session expiry in seconds (default 3600)."
-        ),
-    ) -> None:
+    def run_cmd(config: Path | None = None, **flags: Any) -> None:
         """Run the device agent: local API from the store at once; commands and bundles over MQTT."""
         from edgepack.agent.daemon import DaemonFlags, daemon_config, run
 
-        flags = DaemonFlags(
-            device_id=device_id,
-            labels=label,
-            targets=target,
-            state=state,
-            trust=trust,
-            listen=listen,
-            token=token,
-            threads=threads,
-            accelerators=accelerators,
-            runtime_cache=runtime_cache,
-            max_body_mb=max_body_mb,
-            disk_quota_mb=disk_quota_mb,
-            broker=broker,
-            ca=ca,
-            cert=cert,
-            key=key,
-            username=username,
-            password=password,
-            prefix=prefix,
-            protocol=protocol,
-            keepalive=keepalive,
-            max_buffered_events=max_buffered_events,
-            max_rate=str(parse_size(max_rate, "--max-rate")) if max_rate else None,
-            stall_s=stall,
-            session_expiry_s=session_expiry,
-        )
-        cfg = daemon_config(config, flags)
+        cfg = daemon_config(config, DaemonFlags(**flags))
         err_console.print(
-            f"device [bold]{cfg.device_id}[/]: local API on http://{cfg.listen}, "
+            f"device [bold]{cfg.device_id or '(no id: joins no broker)'}[/]: local API on http://{cfg.listen}, "
             f"broker {cfg.broker.url or '(none: offline)'}; Ctrl-C stops"
         )
         run(cfg)
+
+    _derive_options(run_cmd)
+    agent.command("run")(run_cmd)
 
     @app.command("deploy")
     def deploy_cmd(
@@ -152,6 +118,9 @@ def register(app: typer.Typer) -> None:
         key: list[Path] = typer.Option(..., "--key", help="Key with the trust store's 'command' role; repeatable."),
         wait: bool = typer.Option(False, "--wait", help="Follow the devices to a result, with progress."),
         timeout: float = typer.Option(600.0, "--timeout", help="Seconds --wait waits for results."),
+        offline_grace: float = typer.Option(
+            30.0, "--offline-grace", help="--wait to a group: stop waiting for a member offline this many seconds."
+        ),
         chunk_size: str = typer.Option("256k", "--chunk-size", help="Chunk size (e.g. 64k, 256k, 1M)."),
         ttl_hours: float = typer.Option(
             168.0, "--ttl-hours", help="The command (and the retained bundle) expire after."
@@ -183,6 +152,7 @@ def register(app: typer.Typer) -> None:
             chunk_size=parse_size(chunk_size, "--chunk-size"),
             ttl=timedelta(hours=ttl_hours),
             observer=observer,
+            offline_grace=offline_grace,
         )
         if as_json:
             typer.echo(

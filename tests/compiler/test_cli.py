@@ -41,7 +41,7 @@ def test_compile_json_output(digits: Digits, signing: Signing, tmp_path: Path) -
     assert data["fixed_shapes"] == {"input": [1, 1, 8, 8]}
 
 
-def test_bad_calibration_exits_1_with_the_reason_and_no_file(signing: Signing, tmp_path: Path) -> None:
+def test_bad_calibration_exits_2_with_the_reason_and_no_file(signing: Signing, tmp_path: Path) -> None:
     bad = tmp_path / "bad.npz"
     np.savez(bad, input=np.zeros((3, 8, 8), np.float32))
     out = tmp_path / "never.epk"
@@ -53,6 +53,6 @@ def test_bad_calibration_exits_1_with_the_reason_and_no_file(signing: Signing, t
         timeout=120,
         env={"COLUMNS": "200", "PATH": "/usr/bin:/bin"},
     )
-    assert proc.returncode == 1, proc.stderr
+    assert proc.returncode == 2, proc.stderr
     assert "calibration data" in proc.stderr and "input 'input'" in proc.stderr
     assert not out.exists()

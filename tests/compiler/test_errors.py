@@ -58,8 +58,8 @@ def test_missing_model_file(tmp_path: Path, digits: Digits, signing: Signing) ->
 
 
 def test_invalid_graph(tmp_path: Path, digits: Digits, signing: Signing) -> None:
-    # Relu reading a tensor nothing produces: parses as ONNX, fails the checker
-    node = helper.make_node("Relu", ["missing"], ["y"], name="relu0")
+    # Relu with two inputs: parses as ONNX, fails the checker
+    node = helper.make_node("Relu", ["x", "x"], ["y"], name="relu0")
     model = _tiny_model(tmp_path / "broken.onnx", node, [1, 4], [1, 4])
     _fails(_request(tmp_path, digits, signing, model=model), ModelLoadError, "not a valid ONNX graph")
 
@@ -171,11 +171,12 @@ def test_a_crashing_quantizer_is_the_error_when_int8_was_asked_for(
     )
 
 
-def test_an_int8_model_slower_than_fp32_is_kept_with_a_warning(
+def test_int8_slower_than_fp32_is_kept_with_a_warning_when_asked_and_auto_picks_fp32(
     tmp_path: Path, digits: Digits, signing: Signing, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """auto falls back for accuracy only (the issue's rule; a timing on a shared machine must not decide what
-    a compile produces), but a user after speed is told. The timing itself is faked."""
+    """The issue's rule: ``auto`` wants the target's best, and int8 that runs no faster than fp32 (the compile's
+    own measurement) is not it, so auto takes fp32 and says why; an explicit int8 is kept, with the warning.
+    The timing itself is faked."""
     from typer.testing import CliRunner
 
     from edgepack.cli import app
@@ -185,15 +186,23 @@ def test_an_int8_model_slower_than_fp32_is_kept_with_a_warning(
         return {"fp32_ms": 1.0, "compiled_ms": 2.0, "speedup_1_thread": 0.5, "runtime": "onnxruntime"}
 
     monkeypatch.setattr(pipeline, "_speed", slow)
-    result = compile_model(_request(tmp_path, digits, signing, validation=digits.validation))
+    result = compile_model(_request(tmp_path, digits, signing, validation=digits.validation, precision="int8"))
     assert result.precision == "int8" and result.speed is not None
     assert "int8 runs slower than fp32 on this host (0.50x" in result.speed["warning"]
     assert "--precision fp32" in result.speed["warning"]
     assert result.manifest.quantization["speed"]["warning"] == result.speed["warning"]
+
+    auto = compile_model(_request(tmp_path, digits, signing, validation=digits.validation))
+    assert auto.precision == "fp32" and auto.requested_precision == "auto" and auto.accuracy.passed
+    assert auto.attempts[0]["precision"] == "int8" and auto.attempts[0]["passed"] is True
+    assert "runs at 0.50x fp32 on this host" in auto.attempts[0]["rejected"]
+    assert "auto picked fp32" in auto.attempts[0]["rejected"]
+    assert auto.manifest.accuracy["attempts"][0]["rejected"] == auto.attempts[0]["rejected"]
     printed = CliRunner().invoke(
         app,
         ["compile", str(SAMPLE_MODEL), "--target", "x86", "--calibration", str(digits.calibration),
          "--key", str(signing.key_file), "-o", str(tmp_path / "cli.epk")],
     )  # fmt: skip
     assert printed.exit_code == 0, printed.output
-    assert "warning: int8 runs slower than fp32" in " ".join(printed.output.split())
+    text = " ".join(printed.output.split())
+    assert "at fp32 (asked: auto)" in text and "tried int8 first: int8 passes the bar but runs at 0.50x" in text

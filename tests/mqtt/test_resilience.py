@@ -118,12 +118,12 @@ def test_broker_down_the_agent_starts_and_serves_from_its_store(tmp_path, keyrin
         assert device.serving() == "1.0.0"
         np.testing.assert_allclose(device.infer(X), linear_reference(X, 3.0), rtol=1e-5)
         base = {"device": "cam-2", "at": "2026-01-01T00:00:00Z"}
-        device.link._emit(ResultEvent(**base, outcome="failed", model="m", reason="kept"))
+        device.link.events.emit(ResultEvent(**base, outcome="failed", model="m", reason="kept"))
         for i in range(10):
-            device.link._emit(ProgressEvent(**base, phase="download", held_bytes=i))
+            device.link.events.emit(ProgressEvent(**base, phase="download", held_bytes=i))
         status = device.link.status()
         assert not status["connected"] and status["buffered_events"] == 5 and status["dropped_events"] == 6
-        assert any(isinstance(e, ResultEvent) for e in device.link._buffer)
+        assert any(isinstance(e, ResultEvent) for e in device.link.events.buffered)
     finally:
         device.stop()
 

@@ -176,14 +176,46 @@ def test_command_book_replay_rules_survive_a_restart(tmp_path, chunked, keyring)
         book.check(
             signed(install_command(chunked, ME, expires_at=utc_now() - timedelta(seconds=1)), key), retained=False
         )
-    # a newer install supersedes a pending one of the same model; a rollback queues behind it
+    # a newer install supersedes a pending one of the same model, and so does a rollback ("go back")
     second, third = signed(install_command(chunked, ME), key), signed(install_command(chunked, ME), key)
     book.accept(second)
-    book.accept(rollback := signed(rollback_command("linear", ME), key))
-    assert book.accept(third) == [second]
+    assert book.accept(rollback := signed(rollback_command("linear", ME), key)) == [second]
+    assert book.accept(third) == []
     assert [p.command.id for p in CommandBook(tmp_path / "commands.json").pending()] == [
         rollback.command.id, third.command.id,
     ]  # fmt: skip
+
+
+@pytest.mark.parametrize("damage", [b"{not json", b'{"version": 1, "pending": [{"v": 1}]}', b"[]", b"\x00" * 10])
+def test_a_corrupt_command_book_is_quarantined_and_refuses_older_commands(tmp_path, chunked, keyring, damage):
+    """commands.json that cannot be read: kept aside, an empty book with floors rebuilt from the journal."""
+    from edgepack.agent.link.book import journal_times
+    from edgepack.agent.store import DeviceStore
+
+    key = keyring.keys["release"]
+    old = signed(install_command(chunked, ME), key)  # issued before the install the journal records
+    store = DeviceStore(tmp_path / "state")
+    store.new_journal("linear", chunked.bundle, "1.0.0", "install").advance("committed")
+    path = store.root / "commands.json"
+    path.write_bytes(damage)
+    book = CommandBook(path, journals=lambda: journal_times(store))
+    kept = list(store.root.glob("commands.json.corrupt-*"))
+    assert len(kept) == 1 and kept[0].read_bytes() == damage, "the corrupt file is kept for a post-mortem"
+    assert book.notices and "corrupt" in book.notices[0] and kept[0].name in book.notices[0]
+    assert book.pending() == []
+    with pytest.raises(StaleCommandError, match="rebuilt after corruption"):
+        book.check(old, retained=False)
+    assert not book.check(old, retained=True)  # its retained copy comes back on subscribe: ignored quietly
+    new = signed(install_command(chunked, ME, issued_at=utc_now() + timedelta(seconds=2)), key)  # second precision
+    assert book.check(new, retained=False)
+    book.accept(new)
+    again = CommandBook(path, journals=lambda: journal_times(store))  # the rebuilt book is saved, floors too
+    assert not again.notices and [p.command.id for p in again.pending()] == [new.command.id]
+    other = signed(install_command(chunked, ME, model="other"), key)  # no journal for it: no floor
+    assert again.check(other, retained=False)
+    older = signed(install_command(chunked, ME, seq=new.command.seq + 1), key)  # a newer seq, an old issue time
+    with pytest.raises(StaleCommandError, match="rebuilt after corruption"):
+        again.check(older, retained=False)
 
 
 def test_error_codes_name_the_most_specific_cause():

@@ -1,0 +1,7 @@
+"""``python -m firmware`` (scripts/ on sys.path) is ``scripts/build-image``."""
+
+import sys
+
+from firmware.cli import main
+
+sys.exit(main())
