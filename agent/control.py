@@ -19,8 +19,15 @@ Protocol (JSON lines; one request per line, one reply line each; a connection ma
     {"op": "rollback", "name": "digits"}          -> {"ok": true, "result": {...}}
     anything else, or a failure                   -> {"ok": false, "error": "what went wrong", "kind": "InstallError"}
 
+``install`` normally carries the open bundle file as a descriptor (``SCM_RIGHTS``, which the CLI sends):
+the daemon copies what the caller opened into ``STATE/uploads/`` and installs from there, so a bundle
+works from wherever the caller can read it although the daemon runs as another user with a private
+``/tmp`` (the firmware images' unit has ``User=edgepack``, ``PrivateTmp=yes``). Without a descriptor the
+daemon opens ``path`` itself, which must then be absolute.
+
 A malformed request gets an error reply and never reaches the installer; nothing a client sends takes
-the daemon down. Built on the standard library's ``socketserver`` (a thread per connection).
+the daemon down. Built on the standard library's ``socketserver`` (a thread per connection); lines are
+read by hand (``_Lines``) only because descriptors arrive through ``recvmsg``.
 
 Usage::
 
@@ -38,6 +45,7 @@ import os
 import shutil
 import socket
 import socketserver
+import stat
 import struct
 import tempfile
 import threading
@@ -58,6 +66,8 @@ log = logging.getLogger(__name__)
 
 SOCKET_DIR = "control"
 SOCKET_NAME = "agent.sock"
+UPLOAD_DIR = "uploads"  # STATE/uploads/: bundles handed over as a file descriptor, copied in for the install
+MAX_FDS = 4
 MAX_REQUEST_BYTES = 64 * 1024
 MAX_REPLY_BYTES = 16 << 20
 IDLE_TIMEOUT_S = 30.0  # a connection that sends nothing for this long is closed
@@ -108,6 +118,7 @@ class ControlServer:
         self._server: _UnixServer | None = None
         self._thread: threading.Thread | None = None
         self._directory: Path | None = None
+        self._uploads: Path | None = None
 
     @property
     def path(self) -> Path:
@@ -124,6 +135,8 @@ class ControlServer:
             runtime = os.environ.get("XDG_RUNTIME_DIR") or tempfile.gettempdir()
             directory = Path(tempfile.mkdtemp(prefix="edgepack-control-", dir=runtime))  # 0700
             log.info("state directory path too long for a socket address; control socket in %s", directory)
+        _fresh_private_dir(state_dir / UPLOAD_DIR)
+        self._uploads = state_dir / UPLOAD_DIR
         path = directory / SOCKET_NAME
         server = _UnixServer(str(path), _Handler)
         os.chmod(path, 0o600)  # before this nobody else can reach it: the directory is 0700
@@ -146,13 +159,21 @@ class ControlServer:
         server.server_close()
         if self._thread is not None:
             self._thread.join(5.0)
-        if self._directory is not None:
-            shutil.rmtree(self._directory, ignore_errors=True)
+        for directory in (self._directory, self._uploads):
+            if directory is not None:
+                shutil.rmtree(directory, ignore_errors=True)
 
     # --- requests --------------------------------------------------------------------------------
 
-    def dispatch(self, line: bytes) -> dict[str, Any]:
-        """One request line to one reply; never raises."""
+    def dispatch(self, line: bytes, fds: list[int] | None = None) -> dict[str, Any]:
+        """One request line (and the descriptors that came with it, closed here) to one reply; never raises."""
+        try:
+            return self._dispatch(line, fds or [])
+        finally:
+            for fd in fds or []:
+                os.close(fd)
+
+    def _dispatch(self, line: bytes, fds: list[int]) -> dict[str, Any]:
         try:
             request = _REQUEST.validate_json(line)
         except ValidationError as exc:
@@ -162,7 +183,7 @@ class ControlServer:
                 'e.g. {"op": "status"}, {"op": "install", "path": "/abs/x.epk"} or {"op": "rollback", "name": "NAME"}'
             )
         try:
-            return {"ok": True, "result": self._run(request)}
+            return {"ok": True, "result": self._run(request, fds)}
         except EdgepackError as exc:
             return _error(str(exc), type(exc).__name__)
         except Exception as exc:  # a bug must not take the daemon down: logged with its traceback, reported
@@ -171,7 +192,9 @@ class ControlServer:
                 f"the daemon failed on {request.op}: {type(exc).__name__}: {exc} (see its log)", "EdgepackError"
             )
 
-    def _run(self, request: StatusRequest | InstallRequest | RollbackRequest) -> dict[str, Any]:
+    def _run(self, request: StatusRequest | InstallRequest | RollbackRequest, fds: list[int]) -> dict[str, Any]:
+        if isinstance(request, InstallRequest) and fds:
+            return self._install_upload(request, fds[0])
         if isinstance(request, InstallRequest):
             path = Path(request.path)
             if not path.is_absolute():
@@ -190,6 +213,34 @@ class ControlServer:
         status["daemon"] = {**self._daemon(), **(self.status_extra() if self.status_extra else {})}
         return status
 
+    def _install_upload(self, request: InstallRequest, fd: int) -> dict[str, Any]:
+        """Install a bundle the client opened and passed as a descriptor: the daemon need not see its path
+        (another user's file, a caller's private /tmp), and what is installed is what the client opened."""
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise InstallError(f"{request.path} is not a regular file; give a bundle file (.epk)")
+        if self._uploads is None:
+            raise InstallError("the control socket is not started")
+        name = Path(request.path).name
+        name = name if name not in ("", ".", "..") else "bundle.epk"
+        staging = Path(tempfile.mkdtemp(prefix="upload-", dir=self._uploads))
+        try:
+            copy = staging / name
+            try:
+                os.lseek(fd, 0, os.SEEK_SET)
+                with os.fdopen(fd, "rb", closefd=False) as source, open(copy, "wb") as target:
+                    shutil.copyfileobj(source, target, 1 << 20)
+            except OSError as exc:
+                raise InstallError(
+                    f"the daemon could not copy {request.path} into {self._uploads}: {exc.strerror or exc}"
+                ) from exc
+            log.info(
+                "install of %s (%d bytes, handed over as a descriptor) asked on the control socket", name, info.st_size
+            )
+            return {**dataclasses.asdict(self.agent.install(copy)), "daemon": self._daemon()}
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+
     def _daemon(self) -> dict[str, Any]:
         holder = self.agent.lock.holder
         return {
@@ -204,7 +255,7 @@ class ControlServer:
 
 class _UnixServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
     daemon_threads = True
-    dispatcher: Callable[[bytes], dict[str, Any]]
+    dispatcher: Callable[[bytes, list[int]], dict[str, Any]]
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         log.warning("control connection ended with an error", exc_info=True)
@@ -220,20 +271,27 @@ class _Handler(socketserver.StreamRequestHandler):
             log.warning("control socket: %s", refusal)
             self._reply(_error(refusal, "ControlSocketError"))
             return
-        while True:
-            try:
-                line = self.rfile.readline(MAX_REQUEST_BYTES + 1)
-            except (TimeoutError, OSError):
-                return
-            if not line:
-                return
-            if len(line) > MAX_REQUEST_BYTES:
-                self._reply(_error(f"control request longer than {MAX_REQUEST_BYTES} bytes; connection closed"))
-                return
-            if not line.strip():
-                continue
-            if not self._reply(self.server.dispatcher(line)):
-                return
+        lines = _Lines(self.connection)
+        try:
+            while True:
+                try:
+                    line, fds = lines.next()
+                except (TimeoutError, OSError):
+                    return
+                if len(line) > MAX_REQUEST_BYTES:
+                    lines.close_fds(fds)
+                    self._reply(_error(f"control request longer than {MAX_REQUEST_BYTES} bytes; connection closed"))
+                    lines.drain()
+                    return
+                if not line.strip():
+                    lines.close_fds(fds)
+                    if lines.eof:
+                        return
+                    continue
+                if not self._reply(self.server.dispatcher(line, fds)) or lines.eof:
+                    return
+        finally:
+            lines.close_fds(lines.pending)
 
     def _reply(self, reply: dict[str, Any]) -> bool:
         try:
@@ -242,6 +300,54 @@ class _Handler(socketserver.StreamRequestHandler):
         except OSError:
             return False  # the client went away; the work it asked for is done and journaled anyway
         return True
+
+
+class _Lines:
+    """Request lines from a connection, each with the descriptors (SCM_RIGHTS) received up to its end.
+
+    Hand-written instead of the handler's buffered ``rfile`` because descriptors ride on ``recvmsg``."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.buffer = b""
+        self.pending: list[int] = []
+        self.eof = False
+
+    def next(self) -> tuple[bytes, list[int]]:
+        """The next line: b"" at the end, or more than MAX_REQUEST_BYTES of one that is too long."""
+        while b"\n" not in self.buffer and len(self.buffer) <= MAX_REQUEST_BYTES and not self.eof:
+            data, fds, _flags, _addr = socket.recv_fds(self.sock, 65536, MAX_FDS)
+            self.pending.extend(fds)
+            self.eof = not data
+            self.buffer += data
+        line, newline, rest = self.buffer.partition(b"\n")
+        if newline and len(line) < MAX_REQUEST_BYTES:
+            self.buffer = rest
+            line += newline
+        else:
+            line, self.buffer = self.buffer, b""
+        self.eof = self.eof and not self.buffer
+        fds, self.pending = self.pending, []
+        return line, fds
+
+    def drain(self) -> None:
+        """Read (and drop) what the client still sends, briefly: closing a Unix socket with unread input
+        resets the connection, and the client would lose the error reply."""
+        try:
+            self.sock.shutdown(socket.SHUT_WR)
+            self.sock.settimeout(1.0)
+            for _ in range(256):  # at most 16 MiB
+                data, fds, _flags, _addr = socket.recv_fds(self.sock, 65536, MAX_FDS)
+                self.close_fds(fds)
+                if not data:
+                    return
+        except (TimeoutError, OSError):
+            return
+
+    @staticmethod
+    def close_fds(fds: list[int]) -> None:
+        for fd in fds:
+            os.close(fd)
 
 
 def _peer_refusal(connection: socket.socket) -> str | None:
@@ -285,7 +391,7 @@ def ask_daemon(state_dir: Path, request: StatusRequest | InstallRequest | Rollba
             return None
         sock.settimeout(REPLY_TIMEOUT_S[request.op])
         try:
-            sock.sendall(request.model_dump_json().encode() + b"\n")
+            _send(sock, request)
             with sock.makefile("rb") as reader:
                 line = reader.readline(MAX_REPLY_BYTES)
         except OSError as exc:
@@ -308,6 +414,25 @@ def ask_daemon(state_dir: Path, request: StatusRequest | InstallRequest | Rollba
         raise _error_class(reply.get("kind"))(str(reply.get("error") or "the daemon refused the request"))
     result = reply.get("result")
     return result if isinstance(result, dict) else {}
+
+
+def _send(sock: socket.socket, request: StatusRequest | InstallRequest | RollbackRequest) -> None:
+    """Send one request line; an install carries the bundle's open descriptor too (SCM_RIGHTS), so the
+    daemon reads the file this caller can read, wherever it is (the daemon runs as another user, with a
+    private /tmp)."""
+    data = request.model_dump_json().encode() + b"\n"
+    if not isinstance(request, InstallRequest):
+        sock.sendall(data)
+        return
+    try:
+        fd = os.open(request.path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise InstallError(f"cannot open {request.path}: {exc.strerror}") from exc
+    try:
+        sent = socket.send_fds(sock, [data], [fd])
+    finally:
+        os.close(fd)  # the daemon holds its own copy of the descriptor now
+    sock.sendall(data[sent:])
 
 
 def _error_class(kind: Any) -> type[EdgepackError]:

@@ -123,7 +123,10 @@ class Installer:
             previous = state.model(name).previous
             if previous is None or not self.store.has_bundle(previous):
                 raise InstallError(f"model {name!r} has no previous bundle to roll back to")
-            manifest = self.store.manifest(previous)
+            try:
+                manifest = self.store.manifest(previous)
+            except (OSError, EdgepackError) as exc:
+                raise InstallError(f"model {name!r}: the kept previous bundle cannot be read ({exc})") from exc
             journal = self._begin(name, previous, manifest.version, "rollback")
             return self._run(
                 journal, manifest, previous, lambda: self.store.reverify(previous, self.trust), rollback=True

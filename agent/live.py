@@ -149,13 +149,14 @@ class ActiveModels:
         try:
             st = os.stat(self._path)
         except FileNotFoundError:
-            return frozenset()  # an empty store: nothing to wait for
+            key = None  # an empty store, or one whose state.json the store holds rebuilt in memory: ask it
         except OSError as exc:
             log.warning("cannot stat %s (%s); readiness keeps the models it knew", self._path, exc)
             return self._names
-        key = (st.st_mtime_ns, st.st_size, st.st_ino)
+        else:
+            key = (st.st_mtime_ns, st.st_size, st.st_ino)
         with self._lock:
-            if key != self._key:
+            if key is None or key != self._key:
                 self._key = key
                 try:
                     state = self._store.load_state()

@@ -85,7 +85,7 @@ class StoreLock:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
-            holder = read_holder(state_dir)
+            holder = current_holder(state_dir) or read_holder(state_dir)
             raise StoreLockedError(locked_message(state_dir, holder), holder=holder) from None
         except BaseException:
             os.close(fd)
@@ -150,6 +150,43 @@ def read_holder(state_dir: Path) -> LockHolder | None:
     )
 
 
+def holder_pid(state_dir: Path) -> int | None:
+    """The PID that holds the lock now, from the kernel's ``/proc/locks`` (None: nobody, or not Linux).
+
+    Asking the kernel, not taking the lock, so a probe (``edgepack agent status``) never makes a daemon
+    that starts at that instant find its store taken."""
+    try:
+        info = os.stat(Path(state_dir) / LOCK_FILE)
+        table = Path("/proc/locks").read_text()
+    except OSError:
+        return None
+    inode = f"{os.major(info.st_dev):02x}:{os.minor(info.st_dev):02x}:{info.st_ino}"
+    for line in table.splitlines():
+        fields = line.split()
+        if len(fields) >= 6 and fields[1] == "FLOCK" and fields[3] == "WRITE" and fields[5] == inode:
+            return int(fields[4]) if fields[4].isdigit() else None
+    return None
+
+
+def current_holder(state_dir: Path) -> LockHolder | None:
+    """Who holds the lock now (None: nobody): the note, checked against the kernel's PID when it has one."""
+    pid = holder_pid(state_dir)
+    note = read_holder(state_dir)
+    if pid is None:
+        return None
+    if note is not None and note.pid == pid:
+        return note
+    return LockHolder(pid=pid, command=_proc_command(pid))  # the note is not written yet, or stale
+
+
+def _proc_command(pid: int) -> str:
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().rstrip(b"\0").split(b"\0")
+    except OSError:
+        return ""
+    return _redacted([a.decode(errors="replace") for a in argv])
+
+
 def locked_message(state_dir: Path, holder: LockHolder | None) -> str:
     who = (holder or LockHolder()).describe()
     return (
@@ -165,7 +202,11 @@ def _now() -> str:
 
 def _command_line() -> str:
     """This process's command line for the note, with the values of secret-carrying flags replaced."""
-    argv = list(sys.argv) or ["?"]
+    return _redacted(list(sys.argv))
+
+
+def _redacted(argv: list[str]) -> str:
+    argv = argv or ["?"]
     program = Path(argv[0])
     argv[0] = f"python -m {program.parent.name}" if program.name == "__main__.py" else program.name
     shown = []

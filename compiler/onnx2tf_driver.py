@@ -65,6 +65,9 @@ def main(request_path: str) -> int:
             "non_verbose": False,
             "verbosity": "info",
         }
+        if request.get("keep_layout_inputs"):
+            # inputs that are no images (an RNN state [2, 1, 128]): onnx2tf would make them channel-last
+            kwargs["keep_ncw_or_nchw_or_ncdhw_input_names"] = list(request["keep_layout_inputs"])
         if calibration:
             kwargs.update(
                 output_integer_quantized_tflite=True,

@@ -81,7 +81,7 @@ _NAME_CLEAN = re.compile(r"[^A-Za-z0-9._-]+")
 # auto trades an int8 result that runs slower than fp32 for fp32 only where fp32 takes at least this long per
 # inference on this host: below it the timing is mostly call overhead and noise, and the choice would flip
 # from run to run (the int8 result is kept, with the speed warning).
-AUTO_SPEED_MIN_MS = 1.0
+AUTO_SPEED_MIN_MS = 0.2
 
 
 @dataclass

@@ -67,10 +67,29 @@ def unroll_lstms(
         return proto, []
     del model.graph.node[:]
     model.graph.node.extend(nodes)
+    used = {name for n in nodes for name in n.input}
+    kept = [t for t in model.graph.initializer if t.name in used]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(kept)
     if check_feed is not None and not _same_outputs(proto, model, check_feed):
         return proto, []
     log.info("unrolled %d LSTM node(s): %s", len(unrolled), ", ".join(unrolled))
     return model, unrolled
+
+
+def why_not_unrolled(proto: onnx.ModelProto, node_name: str) -> str:
+    """Why the recurrent node ``node_name`` of ``proto`` is not unrolled, for the error a user reads."""
+    node = next((n for n in proto.graph.node if n.name == node_name), None)
+    if node is None:
+        return "it is not in the graph"
+    if node.op_type != "LSTM":
+        return f"only LSTM nodes are unrolled, this is {node.op_type}"
+    opset = next((i.version for i in proto.opset_import if i.domain in ("", "ai.onnx")), 0)
+    if opset < _MIN_OPSET:
+        return f"the model's opset {opset} is below {_MIN_OPSET}"
+    shapes = _static_shapes(onnx.shape_inference.infer_shapes(proto).graph)
+    weights = {t.name: t for t in proto.graph.initializer}
+    return _unsupported(node, shapes, weights) or "the unrolled graph did not reproduce the LSTM's outputs"
 
 
 def _unsupported(
@@ -120,15 +139,17 @@ def _unroll(
         numpy_helper.from_array(np.array([0], np.int64), f"{p}/axis0"),
         numpy_helper.from_array(np.array([0, 1], np.int64), f"{p}/axes01"),
         numpy_helper.from_array(np.zeros((batch, hidden), np.float32), f"{p}/zeros"),
+        numpy_helper.from_array(np.array([batch, hidden], np.int64), f"{p}/state_shape"),
     ]
     nodes: list[onnx.NodeProto] = []
 
     def add(op: str, ins: list[str], out: str, **kwargs: object) -> str:
-        nodes.append(helper.make_node(op, ins, [out], name=out, **kwargs))
+        nodes.append(helper.make_node(op, ins, [out], name=f"{out}_op", **kwargs))
         return out
 
-    h = add("Squeeze", [inputs[5], f"{p}/axis0"], f"{p}/h_init") if inputs[5] else f"{p}/zeros"
-    c = add("Squeeze", [inputs[6], f"{p}/axis0"], f"{p}/c_init") if inputs[6] else f"{p}/zeros"
+    # Reshape, not Squeeze: onnx2tf follows a Reshape's target shape, whatever layout it gave the state
+    h = add("Reshape", [inputs[5], f"{p}/state_shape"], f"{p}/h_init") if inputs[5] else f"{p}/zeros"
+    c = add("Reshape", [inputs[6], f"{p}/state_shape"], f"{p}/c_init") if inputs[6] else f"{p}/zeros"
     order = range(steps) if attrs.get("direction", b"forward") == b"forward" else range(steps - 1, -1, -1)
     per_step: dict[int, str] = {}
     for t in order:

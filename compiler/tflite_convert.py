@@ -45,6 +45,7 @@ import onnx
 
 from edgepack.compiler.gelu_fusion import fuse_exact_gelu
 from edgepack.compiler.node_errors import name_nodes
+from edgepack.compiler.recurrent_unroll import unroll_lstms, why_not_unrolled
 from edgepack.compiler.tflite_graph import TfliteTensor, describe, rewrite_io
 from edgepack.compiler.toolchain import Toolchain, ensure_toolchain
 from edgepack.errors import ConversionError, UnsupportedModelError
@@ -129,6 +130,9 @@ def convert_onnx(
     proto, gelus = fuse_exact_gelu(proto, check_feed=feeds[0])  # TFLite's GELU op, not an int8-hostile pseudo Erf
     if gelus and on_progress:
         on_progress(f"{gelus} GELU subgraph(s) fused for TFLite's GELU op")
+    proto, lstms = unroll_lstms(proto, check_feed=feeds[0])  # onnx2tf's Keras LSTM refuses state in/out
+    if lstms and on_progress:
+        on_progress(f"{len(lstms)} LSTM node(s) unrolled into MatMul steps for onnx2tf")
     _fit_ir_version(proto)
     model_copy = work / "model.onnx"
     onnx.save(proto, str(model_copy))
@@ -139,6 +143,9 @@ def convert_onnx(
         "output_dir": str(work / "out"),
         "result": str(work / "result.json"),
     }
+    if lstms:
+        # an unrolled LSTM reads its state as [layers, batch, hidden]: onnx2tf must not make it channel-last
+        request["keep_layout_inputs"] = [spec.name for spec in inputs if len(spec.shape) == 3]
     if int8_calibration:
         request["int8_calibration"] = _calibration_files(work, inputs, int8_calibration)
     (work / "request.json").write_text(json.dumps(request, indent=2))
@@ -506,6 +513,14 @@ def _conversion_error(result: Mapping[str, Any], proto: onnx.ModelProto, log_pat
                 f"onnx2tf cannot convert node {shown!r} (op {op}) for TFLite: onnx2tf has no converter for this "
                 "op. Replace or remove that op in the model, or compile for a target whose runtime runs ONNX "
                 f"(e.g. x86); log: {log_path}"
+            )
+        if node is not None and node.op_type in ("LSTM", "GRU", "RNN"):
+            return UnsupportedModelError(
+                f"onnx2tf cannot convert recurrent node {shown!r} (op {op}) for TFLite ({result.get('error_type')}: "
+                f"{message[:200]}), and edgepack could not unroll it into matrix products because "
+                f"{why_not_unrolled(proto, node.name)}. Export the model with a forward LSTM of a static "
+                "sequence length (batch and sequence fixed, default activations, no peepholes), or compile for "
+                f"a target whose runtime runs ONNX recurrent ops (x86, intel-cpu); log: {log_path}"
             )
         return UnsupportedModelError(
             f"onnx2tf failed to convert node {shown!r} (op {op}) for TFLite: {result.get('error_type')}: "

@@ -67,6 +67,7 @@ log = logging.getLogger(__name__)
 JSON = "application/json"
 PUBLISH_WINDOW = 64  # chunks in flight before the publisher waits for the oldest acknowledgement
 NEED_COALESCE_S = 2.0  # a chunk published again this recently is not published again for another need
+NEED_BACKOFF_MAX_S = 60.0  # each further republication of one chunk waits twice as long, up to this
 FINAL = ("committed", "rolled_back", "failed", "superseded", "rejected", "timeout", "offline")
 DEFAULT_OFFLINE_GRACE_S = 30.0  # a group member offline this long is not waited for (outcome "offline")
 
@@ -203,7 +204,7 @@ class Deployer:
         self._commands: dict[str, SignedCommand] = {}
         self._following: dict[str, dict[str, DeviceProgress]] = {}  # command id -> device -> progress
         self._needs: queue.Queue[NeedEvent | None] = queue.Queue()
-        self._recent: dict[tuple[str, int], float] = {}
+        self._recent: dict[tuple[str, int], tuple[float, float]] = {}  # (bundle, position) -> (when, quiet for)
         self._answerer: threading.Thread | None = None
         self._sync_topic = topics.operator_sync(options.client_id)
         self._synced: set[str] = set()
@@ -376,6 +377,7 @@ class Deployer:
     def _on_connect(self, session_present: bool) -> None:
         if self.client.connects <= 1:
             return
+        self._recent.clear()  # the broker may have restarted without its retained store: answer needs at once
         with self._lock:
             commands = list(self._commands.values())
         for signed in commands:  # a broker that restarted without persistence has lost them
@@ -489,9 +491,14 @@ class Deployer:
             if not 0 <= position < len(chunked.index.chunks):
                 continue
             key = (chunked.bundle, position)
-            if now - self._recent.get(key, -NEED_COALESCE_S) < NEED_COALESCE_S:
+            last, quiet = self._recent.get(key, (-1e9, NEED_COALESCE_S / 2))
+            if now - last < quiet:
                 continue  # published again a moment ago for another device's need: it is on its way
-            self._recent[key] = now
+            # Back off per chunk: a republished retained chunk goes to *every* device still subscribed to it,
+            # so on a broker that is merely slow (not one that lost its retained store) answering each need
+            # at once multiplies the load that made devices stall (measured: 107 bundle copies of ingress
+            # for a 1,000-device rollout on a loaded host). 2 s, 4 s, 8 s … up to 60 s between copies.
+            self._recent[key] = (now, min(quiet * 2, NEED_BACKOFF_MAX_S))
             ref = chunked.index.chunks[position]
             self.client.publish(self.topics.chunk(ref.sha256), chunked.chunk(position), retain=True)
             answered += 1

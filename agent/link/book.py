@@ -69,6 +69,8 @@ class CommandBook:
         self.path = path
         self._lock = threading.Lock()
         self.notices: list[str] = []
+        for leftover in path.parent.glob(f".{path.name}.*.tmp"):  # an atomic write cut short by a crash
+            leftover.unlink(missing_ok=True)
         book = _BookFile()
         if path.exists():
             try:

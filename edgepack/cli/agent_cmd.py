@@ -270,7 +270,8 @@ def _where(result: dict[str, Any]) -> str:
 
 
 def _status(state: Path) -> dict[str, Any]:
-    """The daemon's view when one holds ``state``; else what the files say (status changes nothing)."""
+    """The daemon's view when one holds ``state``; else the store's, under the lock (reading the store may
+    repair it: a corrupt state.json is quarantined and rebuilt, so status is no exception to the lock)."""
     from edgepack.agent.control import StatusRequest, ask_daemon
     from edgepack.agent.service import describe_store
     from edgepack.agent.store import DeviceStore
@@ -282,11 +283,10 @@ def _status(state: Path) -> dict[str, Any]:
         return reply
     try:
         lock = StoreLock.acquire(state)
-    except StoreLockedError as exc:
-        # status only reads files that are always replaced whole, so a holder without a control socket
-        # (`edgepack serve`, a daemon still starting) does not stop it; the note says what is missing
-        err_console.print(f"note: {exc.holder.describe() if exc.holder else 'another process'} holds {state} and "
-                          "its control socket does not answer: showing the files on disk, not what it serves")  # fmt: skip
-        return describe_store(DeviceStore(state))
+    except StoreLockedError:
+        reply = ask_daemon(state, StatusRequest())  # a daemon that was just starting may answer now
+        if reply is not None:
+            return reply
+        raise
     with lock:
         return describe_store(DeviceStore(state))

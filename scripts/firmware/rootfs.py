@@ -103,13 +103,15 @@ def ensure_emulation(arch: str) -> None:
     if arch == host:
         return
     name = QEMU[arch]
+    if shutil.which("arch-test") is None:
+        raise FirmwareError(f"mmdebstrap needs arch-test to build {arch} on {host}: apt-get install arch-test")
     handler = Path("/proc/sys/fs/binfmt_misc") / f"qemu-{name}"
     if handler.is_file():
         return
     conf = Path("/usr/lib/binfmt.d") / f"qemu-{name}.conf"
     if not conf.is_file():
         raise FirmwareError(
-            f"building {arch} on {host} runs {arch} programs under emulation: apt-get install qemu-user-static"
+            f"building {arch} on {host} runs {arch} programs under emulation: apt-get install qemu-user-static arch-test"
         )
     register = Path("/proc/sys/fs/binfmt_misc/register")
     if not register.exists():

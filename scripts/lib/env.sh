@@ -63,3 +63,33 @@ ensure_arm_tools() {
     echo "qemu-user-static/mmdebstrap are not installed and cannot be installed here; the ARM tests will say so" >&2
   fi
 }
+
+# ensure_image_tools: the firmware image tests (tests/firmware) build an OCI image from a Debian root file
+# system (mmdebstrap, buildah, skopeo, umoci) and check the systemd units (systemd-analyze).
+ensure_image_tools() {
+  local missing=""
+  for tool in mmdebstrap buildah skopeo umoci systemd-analyze; do command -v "$tool" >/dev/null 2>&1 || missing=1; done
+  [ -n "$missing" ] || return 0
+  local pkgs="mmdebstrap buildah skopeo umoci systemd arch-test"
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "installing $pkgs with apt-get" >&2
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $pkgs >/dev/null
+  elif command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null && command -v apt-get >/dev/null 2>&1; then
+    sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $pkgs >/dev/null
+  else
+    echo "$pkgs are not all installed and cannot be installed here; the firmware image tests will say so" >&2
+  fi
+}
+
+# ensure_strace: tests/agent/test_fsync_order.py checks the fsync-before-rename order under strace.
+ensure_strace() {
+  command -v strace >/dev/null 2>&1 && return 0
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "installing strace with apt-get" >&2
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends strace >/dev/null
+  elif command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null && command -v apt-get >/dev/null 2>&1; then
+    sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends strace >/dev/null
+  else
+    echo "strace is not installed and cannot be installed here; the fsync order test will say so" >&2
+  fi
+}

@@ -60,3 +60,25 @@ def test_agent_survives_sigkill_at_seeded_points(tmp_path, crash_broker, keyring
             print(f"  VIOLATION {violation}")
     assert harness.total_kills >= KILLS
     assert not harness.violations, "\n".join(str(v) for v in harness.violations[:20])
+
+
+def test_the_harness_sees_a_broken_store(tmp_path, crash_broker, keyring, trust):
+    """The checks can fail: a payload file of the active bundle altered on disk is reported (the agent then
+    refuses to load it and serves nothing, while the store still names it active)."""
+    harness = CrashHarness(tmp_path, crash_broker.url, keyring.keys["release"], trust, seed="self-check")
+    try:
+        harness.bootstrap()
+        active = harness._store_state()["models"]["linear"]["active"]
+        (harness.state_dir / "bundles" / active / "model.onnx").write_bytes(b"not the signed model")
+        harness._point = "self-check"
+        harness._start(None)
+        assert harness._wait_ready()
+        harness.check_serving()
+        harness.check_store()
+        harness._stop_clean()
+    finally:
+        harness.close()
+    found = "\n".join(str(v) for v in harness.violations)
+    print(found)
+    assert "does not verify" in found
+    assert "no model is served" in found or "the API serves" in found

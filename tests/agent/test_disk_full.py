@@ -118,8 +118,10 @@ def test_disk_full_refused_up_front_and_mid_transfer(tmp_path, small_disk, disk_
         )
         sent = harness._send_install(mid)
         _wait(
-            lambda: any(getattr(e, "phase", None) == "download" for e in harness.watch.events(sent.command_id))
-            or (small_disk / "incoming" / chunked.bundle / "bundle.part").exists(),
+            lambda: (
+                any(getattr(e, "phase", None) == "download" for e in harness.watch.events(sent.command_id))
+                or (small_disk / "incoming" / chunked.bundle / "bundle.part").exists()
+            ),
             30,
             "open transfer",
         )

@@ -10,6 +10,7 @@ import pytest
 from edgepack.agent.install import Installer
 from edgepack.agent.live import LiveModels
 from edgepack.agent.store import DeviceStore
+from edgepack.bundle import _DirectorySink
 from edgepack.errors import InstallError
 from tests.models import linear_bundle, linear_reference
 
@@ -130,3 +131,37 @@ def test_boot_refuses_a_store_altered_on_disk(tmp_path, trust, keyring):
     live = LiveModels()
     assert Installer(store, live, trust).load_committed() == {}
     assert "altered on disk" in live.index()[0]["reason"]
+
+
+def test_signatures_are_verified_before_target_and_version_are_decided(device, keyring, tmp_path):
+    """The target and anti-rollback checks read the manifest verification returned, not the unverified head:
+    an untrusted bundle is refused for its signature whatever its head claims."""
+    store, live, installer = device
+    installer.install(linear_bundle(tmp_path, keyring.keys["release"], version="2.0.0")[0])
+    before = sorted(p.name for p in (store.root / "bundles").iterdir())
+    for kwargs in ({"version": "3.0.0", "target": "rpi4"}, {"version": "1.0.0", "scale": 4.0}):
+        untrusted = linear_bundle(tmp_path, keyring.keys["stranger"], **kwargs)[0]
+        with pytest.raises(InstallError, match="unknown key"):
+            installer.install(untrusted)
+    assert _served(live)[0] == "2.0.0"
+    assert sorted(p.name for p in (store.root / "bundles").iterdir()) == before
+
+
+def test_a_refused_bundle_leaves_nothing_in_the_store(device, keyring, tmp_path, monkeypatch):
+    store, live, installer = device
+    good = installer.install(linear_bundle(tmp_path, keyring.keys["release"], version="2.0.0")[0])
+    written = []
+    real_open = _DirectorySink.open
+    monkeypatch.setattr(_DirectorySink, "open", lambda self, rel: written.append(rel) or real_open(self, rel))
+    refused = [
+        (linear_bundle(tmp_path, keyring.keys["release"], version="2.1.0", target="rpi4")[0], "target 'rpi4'"),
+        (linear_bundle(tmp_path, keyring.keys["release"], version="1.0.0", scale=3.0)[0], "older than 2.0.0"),
+    ]
+    for path, message in refused:
+        with pytest.raises(InstallError, match=message):
+            installer.install(path)
+    assert written == []  # decided on the verified manifest before a byte of payload was written
+    assert [p.name for p in (store.root / "bundles").iterdir()] == [good.digest]
+    assert list((store.root / "tmp").iterdir()) == []
+    assert all(j.finished for j in store.journals())
+    assert _served(live)[0] == "2.0.0"

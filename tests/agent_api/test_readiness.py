@@ -14,9 +14,9 @@ import pytest
 
 from edgepack.agent.config import load_config
 from edgepack.agent.install import Installer
-from edgepack.agent.live import LiveModel, LiveModels
+from edgepack.agent.live import ActiveModels, LiveModel, LiveModels
 from edgepack.agent.service import DeviceAgent
-from edgepack.agent.store import DeviceStore
+from edgepack.agent.store import DeviceStore, ModelState, StoreState
 from edgepack.errors import InstallError, ModelNotFoundError, ModelNotReadyError, RuntimeBackendError
 from edgepack.runtimes.base import get_backend
 from tests.models import linear_bundle
@@ -182,3 +182,13 @@ def test_live_models_wait_for_every_expected_and_required_name() -> None:
     expected.add("c")  # state.json gained a model: readiness follows
     assert list(live.unready_models()) == ["c"]
     live.close_all()
+
+
+def test_active_models_follow_state_json(tmp_path) -> None:
+    store = DeviceStore(tmp_path / "state")
+    active = ActiveModels(store)
+    assert active() == frozenset()
+    store.commit_state(StoreState({"a": ModelState(active="1" * 64), "b": ModelState(previous="2" * 64)}))
+    assert active() == {"a"}  # only names with an active bundle
+    store.commit_state(StoreState({"a": ModelState(active="1" * 64), "c": ModelState(active="3" * 64)}))
+    assert active() == {"a", "c"}

@@ -130,3 +130,45 @@ def test_daemon_sends_ready_then_pings_then_stopping(systemd, tmp_path, trust, m
     while (message := systemd.receive()) != ["STOPPING=1"]:
         messages.append(tuple(message))
     assert set(messages) <= {("WATCHDOG=1",)}
+
+
+class _FakeLink:
+    """What link_alive looks at: the worker thread and status() (which takes the link's lock)."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.stop = threading.Event()
+        self._worker: threading.Thread | None = threading.Thread(target=self.stop.wait, daemon=True)
+        self._worker.start()
+
+    def status(self) -> dict:
+        with self.lock:
+            return {}
+
+
+def test_link_check_fails_when_the_worker_died_or_the_lock_is_stuck():
+    from edgepack.agent.sdnotify import link_alive
+
+    link = _FakeLink()
+    check = link_alive(link, timeout=0.5)
+    assert check()
+    with link.lock:  # a worker wedged holding the link's lock
+        assert not check()
+    assert check()
+    link.stop.set()
+    link._worker.join(WAIT_S)
+    assert not check()  # the worker thread is gone
+
+
+def test_api_check_against_a_real_api(tmp_path):
+    from edgepack.agent.api.server import start_in_thread
+    from edgepack.agent.live import LiveModels
+    from edgepack.agent.sdnotify import api_alive
+
+    handle = start_in_thread(LiveModels(), port=0, token="secret")  # health stays open with a token
+    try:
+        assert api_alive(handle)()
+    finally:
+        handle.stop()
+    with pytest.raises(OSError):
+        api_alive(handle, timeout=1.0)()  # nobody answers: the watchdog counts it as failing

@@ -1,9 +1,16 @@
-"""Prints how many inputs each fuzz kind tried, and how they ended, after the run (the counts the notes quote)."""
+"""Fixtures of the fuzz tests (one key, trust store and valid bundle for the session) and the report of how
+many inputs each fuzz kind tried, and how they ended, printed after the run (the counts the notes quote)."""
 
 from __future__ import annotations
 
 from typing import Any
 
+import pytest
+
+from edgepack.bundle import BundleFile, write_bundle
+from edgepack.keys import SigningKey
+from edgepack.manifest import RuntimeRequirement, SelfTest, TensorSpec
+from edgepack.trust import TrustStore
 from tests.fuzz.common import COUNTS, OUTCOMES
 
 
@@ -17,14 +24,6 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
     terminalreporter.section("fuzz outcomes")
     for kind, n in sorted(OUTCOMES.items()):
         terminalreporter.write_line(f"{n:7d}  {kind}")
-
-
-import pytest  # noqa: E402
-
-from edgepack.bundle import BundleFile, write_bundle  # noqa: E402
-from edgepack.keys import SigningKey  # noqa: E402
-from edgepack.manifest import RuntimeRequirement, SelfTest, TensorSpec  # noqa: E402
-from edgepack.trust import TrustStore  # noqa: E402
 
 
 class World:

@@ -355,11 +355,11 @@ class CrashHarness:
         proc = self.proc
         assert proc is not None
         if mode == "named":
-            code = proc.wait(rng.uniform(3.0, 6.0))
-            if code is None:  # the point is not on this command's path: kill it wherever it is
+            code = self._wait_dead_or_ended(proc, sent, 20.0)
+            if code is None:  # the point is not on this command's path: kill it once the command ended
                 proc.kill()
                 proc.wait(10)
-                self.kills["named point not reached; killed after the wait"] += 1
+                self.kills["named point not on the path; killed once the command ended"] += 1
             else:
                 self.kills[f"named {self._marked_point(proc)}"] += 1
         elif mode == "time":
@@ -377,14 +377,26 @@ class CrashHarness:
                     self.watch.triggered = True
                 else:
                     self.watch.trigger = (sent.command_id, phase, proc)
-            if proc.wait(8.0) is None:
+            if self._wait_dead_or_ended(proc, sent, 20.0) is None:
                 proc.kill()
                 proc.wait(10)
             with self.watch._cv:
                 self.watch.trigger = None
-                label = f"event {phase}" if self.watch.triggered else "event not seen; killed after the wait"
+                label = f"event {phase}" if self.watch.triggered else "event not seen; killed once the command ended"
             self.kills[label] += 1
         self.proc = None
+
+    def _wait_dead_or_ended(self, proc: AgentProcess, sent: Sent, timeout: float) -> int | None:
+        """The exit code once ``proc`` died, or None once ``sent`` has a result (or ``timeout`` passed)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            code = proc.exit_code()
+            if code is not None:
+                return code
+            if any(e.kind in ("result", "rejected") for e in self.watch.events(sent.command_id)):
+                return proc.wait(0.05)
+            time.sleep(0.01)
+        return None
 
     def finish(self) -> None:
         """A last restart without a kill: every invariant once more, then a clean stop."""
@@ -675,8 +687,13 @@ class CrashHarness:
                 return  # the armed point was reached meanwhile (a resumed command): that is the kill, not a lie
             self._violate(f"no model is served over the API (store says {version} is active): {y}")
             return
-        if served != version:
-            self._violate(f"the API serves {served} where the store's active bundle is {version}")
+        for _ in range(10):  # a resumed command switches, then commits: between the two they differ for a moment
+            if served == version or self.proc is None or not self.proc.alive:
+                break
+            time.sleep(0.3)
+            version, (served, y) = self._active_version(), self._infer()
+        if served != version and self.proc is not None and self.proc.alive:
+            self._violate(f"the API serves {served} where the store's active bundle is {version} (for 3 s)")
         minor = _minor_of(served) if served in self.bundles else None
         if minor is not None and not np.allclose(y, linear_reference(X, scale_of(minor)), rtol=1e-5):
             self._violate(f"the API's answers are not those of {served}")
@@ -727,7 +744,8 @@ class CrashHarness:
                 self._violate(f"{sub}/ is not empty 2 s after the agent went idle: {left}")
         leftovers = sorted(
             str(p.relative_to(self.state_dir))
-            for p in self.state_dir.rglob("*.tmp")
+            for p in _walk(self.state_dir)
+            if p.name.endswith(".tmp")
             if "cache" not in p.relative_to(self.state_dir).parts
         )
         new = [p for p in leftovers if p not in self._leftovers_seen]
@@ -747,7 +765,7 @@ class CrashHarness:
         root = self.state_dir / sub
         if not root.is_dir():
             return []
-        return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+        return sorted(str(p.relative_to(root)) for p in _walk(root, dirs=True))
 
     def report(self) -> str:
         starts = sorted(self.start_seconds)
@@ -780,10 +798,18 @@ def reverify(directory: Path, digest: str, trust: TrustStore) -> None:
         if file_digest(directory / pinned.path) != (pinned.size, pinned.sha256):
             raise InstallError(f"{pinned.path} does not match the manifest")
     listed = {f.path for f in manifest.files} | {MANIFEST_NAME, SIGNATURES_NAME}
-    extra = sorted(str(p.relative_to(directory)) for p in directory.rglob("*") if p.is_file())
+    extra = sorted(str(p.relative_to(directory)) for p in _walk(directory))
     extra = [p for p in extra if p not in listed]
     if extra:
         raise InstallError(f"files the manifest does not list: {extra}")
+
+
+def _walk(root: Path, *, dirs: bool = False) -> list[Path]:
+    """Files (and with ``dirs`` directories) under ``root``; entries the agent deletes meanwhile are skipped."""
+    out = []
+    for top, subdirs, files in os.walk(root):
+        out += [Path(top) / name for name in files + (subdirs if dirs else [])]
+    return out
 
 
 def _minor_of(version: str) -> int:

@@ -160,7 +160,9 @@ def test_quota_is_checked_up_front(tmp_path, chunked):
 
 def test_command_book_replay_rules_survive_a_restart(tmp_path, chunked, keyring):
     key = keyring.keys["release"]
+    (tmp_path / ".commands.json.x1y2z3.tmp").write_text("{")  # an atomic write cut short by a crash
     book = CommandBook(tmp_path / "commands.json")
+    assert not list(tmp_path.glob(".commands.json.*.tmp")), "a killed write leaves no temporary file behind"
     first = signed(install_command(chunked, ME), key)
     assert book.check(first, retained=False)
     book.accept(first)
