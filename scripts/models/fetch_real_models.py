@@ -117,7 +117,7 @@ def _shape(model: RealModel) -> list[int]:
     return [int(d) for d in model.input_shapes[0].split("=", 1)[1].split(",")]
 
 
-_WORDS = "edge pack model compile bundle device fleet 2026 signal quantize 640 detect text line OCR".split()
+_WORDS = ["edge", "pack", "model", "compile", "bundle", "device", "fleet", "2026", "signal", "quantize", "640", "detect", "text", "line", "OCR"]
 
 
 def _text_images(n: int, shape: list[int], seed: int) -> np.ndarray:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import threading
@@ -66,8 +67,12 @@ def test_no_socket_is_a_no_op():
     watchdog.stop()
 
 
-def test_unreachable_socket_warns_and_goes_on(tmp_path, caplog):
-    assert Notifier(str(tmp_path / "gone.sock")).ready() is False
+def test_unreachable_socket_warns_and_goes_on(tmp_path, caplog, monkeypatch):
+    # Earlier tests in the same process may have raised the "edgepack" level or disabled loggers (a library's
+    # logging.config call); pin this module's logger so the warning is looked for, not filtered away.
+    monkeypatch.setattr(logging.getLogger("edgepack.agent.sdnotify"), "disabled", False)
+    with caplog.at_level(logging.WARNING, logger="edgepack.agent.sdnotify"):
+        assert Notifier(str(tmp_path / "gone.sock")).ready() is False
     assert "cannot notify systemd" in caplog.text
 
 
