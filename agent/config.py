@@ -105,6 +105,12 @@ class RuntimeSettings(_Section):
         description="Runtime cache directory (default STATE/cache).",
         json_schema_extra=flag("--runtime-cache", dest="runtime_cache"),
     )
+    thread_budget: int | None = Field(
+        default=None,
+        ge=1,
+        description="Threads all loaded models share (runs wait for their share; no spinning); default: unbounded.",
+        json_schema_extra=flag("--thread-budget"),
+    )
 
     def options(self, state_dir: Path) -> RuntimeOptions:
         return RuntimeOptions(
@@ -198,6 +204,11 @@ class LinkSettings(_Section):
     reconnect_min_s: int = Field(default=1, ge=1, description="Reconnect backoff starts here.")
     reconnect_max_s: int = Field(default=30, ge=1, description="Reconnect backoff grows up to this.")
     will_delay_s: int = Field(default=0, ge=0, description="MQTT 5: a reconnect within this delay is not offline.")
+    state_interval_s: float = Field(
+        default=0.0, ge=0, description="Publish the retained state this often even when nothing changed (a "
+        "heartbeat for brokers that give no retained messages to wildcard subscriptions, e.g. RabbitMQ 3.x; "
+        "docs/scaling.md); 0: only when it changes.",
+    )  # fmt: skip
     event_expiry_s: int = Field(default=86400, ge=1, description="MQTT 5: events nobody picked up expire.")
     receive_maximum: int = Field(
         default=16, ge=1, le=65535, description="MQTT 5: chunks in flight to the device (memory, what a drop loses)."
@@ -229,6 +240,106 @@ class LinkSettings(_Section):
         if self.max_rate:
             rate = min(rate, self.max_rate / 2)
         return self.deadline_min_s + (size or 0) / rate
+
+
+class DriftSettings(_Section):
+    """Live statistics against the bundle's reference statistics (``docs/capture.md``); on by default."""
+
+    enabled: bool = Field(default=True, description="Compare live inputs with the bundle's reference statistics.")
+    every: int = Field(default=1, ge=1, description="Look at every k-th request.")
+    budget_ms_per_s: float = Field(
+        default=20.0, gt=0, description="Milliseconds per second of one core the statistics may take at most."
+    )
+    window: int = Field(default=1024, ge=16, description="Requests looked at that the sliding window holds.")
+    max_values: int = Field(default=4096, ge=16, description="Values per tensor binned from one request.")
+    min_values: int = Field(
+        default=250, ge=1, description="Values per channel the window needs before it judges (PSI bias)."
+    )
+    psi_warn: float = Field(default=0.1, gt=0, description="PSI from which a channel warns.")
+    psi_alarm: float = Field(default=0.25, gt=0, description="PSI from which a channel alarms.")
+    range_warn: float = Field(default=0.05, gt=0, le=1, description="Out-of-range share from which it warns.")
+    range_alarm: float = Field(default=0.2, gt=0, le=1, description="Out-of-range share from which it alarms.")
+    nonfinite_warn: float = Field(default=0.001, gt=0, le=1, description="Extra NaN/inf share that warns.")
+    nonfinite_alarm: float = Field(default=0.01, gt=0, le=1, description="Extra NaN/inf share that alarms.")
+    check_s: float = Field(
+        default=0.5, ge=0, description="Seconds between judgements of the level (state updates, capture rule)."
+    )
+    queue: int = Field(default=32, ge=1, description="Requests waiting for the statistics thread; more are skipped.")
+    queue_mb: float = Field(default=16.0, gt=0, description="Their tensor MiB at most; more are skipped.")
+
+    @model_validator(mode="after")
+    def _order(self) -> DriftSettings:
+        for what in ("psi", "range", "nonfinite"):
+            if getattr(self, f"{what}_alarm") < getattr(self, f"{what}_warn"):
+                raise ValueError(f"{what}_alarm is below {what}_warn")
+        return self
+
+
+class CaptureModelSettings(_Section):
+    """What one model may capture: nothing leaves the device unless named here (privacy: per input)."""
+
+    inputs: list[str] = Field(default_factory=list, description="Inputs whose values may be stored.")
+    outputs: bool = Field(default=False, description="Store the outputs' values too.")
+    stats_only: bool = Field(
+        default=False, description="Store per-channel statistics of the named tensors instead of their values."
+    )
+    sample_rate: float = Field(default=1.0, gt=0, le=1, description="Share of requests the rules look at.")
+    random_share: float = Field(default=0.0, ge=0, le=1, description="Rule: capture this share at random.")
+    when_drift: str = Field(
+        default="off", pattern="^(off|warn|alarm)$", description="Rule: capture while drift is at least this."
+    )
+    top_score_below: float | None = Field(
+        default=None, description="Rule: capture when the highest output score is below this."
+    )
+
+    @model_validator(mode="after")
+    def _useful(self) -> CaptureModelSettings:
+        if not self.random_share and self.when_drift == "off" and self.top_score_below is None:
+            raise ValueError("no rule: set random_share, when_drift or top_score_below")
+        if not self.inputs and not self.outputs:
+            raise ValueError("name the inputs that may be stored (inputs = [\"x\"]) or set outputs = true")
+        return self
+
+
+class CaptureSettings(_Section):
+    """Data capture (``[capture]``): off by default; ``[capture.models.NAME]`` opts a model in."""
+
+    enabled: bool = Field(default=False, description="Capture samples of the models listed under models.")
+    directory: Path | None = Field(default=None, description="Ring buffer folder (default STATE/capture).")
+    max_bytes: int = Field(default=64 << 20, ge=4096, description="Ring buffer size bound (e.g. 64M).")
+    max_count: int = Field(default=1000, ge=1, description="Ring buffer record count bound.")
+    chunk_size: int = Field(default=64 << 10, ge=MIN_CHUNK_SIZE, le=1 << 20, description="Upload chunk size.")
+    ack_timeout_s: float = Field(
+        default=30.0, gt=0, description="A record sent and not acknowledged this long is sent again."
+    )
+    models: dict[str, CaptureModelSettings] = Field(default_factory=dict)
+
+    @field_validator("max_bytes", "chunk_size", mode="before")
+    @classmethod
+    def _size(cls, value: Any, info: Any) -> Any:
+        return _size_or_value(value, f"capture.{info.field_name}")
+
+
+class ModelServingSettings(_Section):
+    """How one model is served (``[models.NAME]``): its threads, its concurrency, dynamic batching."""
+
+    threads: int | None = Field(default=None, ge=1, description="This model's intra-op threads (default runtime.threads).")
+    max_concurrency: int | None = Field(
+        default=None, ge=1, description="Requests this model runs at once (default: as many as the thread budget fits)."
+    )
+    max_batch_size: int = Field(default=1, ge=1, description="Rows per batched run; 1: no dynamic batching.")
+    max_queue_delay_us: int = Field(default=500, ge=0, description="Microseconds a request may wait for a batch.")
+    preferred_batch_sizes: list[int] = Field(default_factory=list, description="Batch sizes to run at once when met.")
+    batching: bool | None = Field(
+        default=None, description="Batch (when max_batch_size > 1); default: yes where the device has 2+ cores."
+    )
+
+    @model_validator(mode="after")
+    def _sizes(self) -> ModelServingSettings:
+        bad = [n for n in self.preferred_batch_sizes if not 1 <= n <= self.max_batch_size]
+        if bad:
+            raise ValueError(f"preferred_batch_sizes {bad} are not between 1 and max_batch_size ({self.max_batch_size})")
+        return self
 
 
 class AgentConfig(_Section):
@@ -282,6 +393,13 @@ class AgentConfig(_Section):
     listen_unix_mode: int = Field(
         default=0o600, ge=0, le=0o777, description="File mode of the Unix socket: 0o600, or 0o660 for a group."
     )
+    grpc_port: int | None = Field(
+        default=None,
+        ge=0,
+        lt=65536,
+        description="Also serve KServe v2 gRPC on this port, on the listen host (default: no gRPC).",
+        json_schema_extra=flag("--grpc-port"),
+    )
     max_concurrent_requests: int | None = Field(
         default=None,
         ge=1,
@@ -300,6 +418,9 @@ class AgentConfig(_Section):
     runtime: RuntimeSettings = Field(default_factory=RuntimeSettings)
     broker: BrokerSettings = Field(default_factory=BrokerSettings)
     link: LinkSettings = Field(default_factory=LinkSettings)
+    models: dict[str, ModelServingSettings] = Field(default_factory=dict)
+    drift: DriftSettings = Field(default_factory=DriftSettings)
+    capture: CaptureSettings = Field(default_factory=CaptureSettings)
 
     @field_validator("listen")
     @classmethod

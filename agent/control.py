@@ -17,6 +17,7 @@ Protocol (JSON lines; one request per line, one reply line each; a connection ma
     {"op": "status"}                              -> {"ok": true, "result": {...describe_store..., "daemon": {...}}}
     {"op": "install", "path": "/abs/digits.epk"}  -> {"ok": true, "result": {"name", "version", "outcome", ...}}
     {"op": "rollback", "name": "digits"}          -> {"ok": true, "result": {...}}
+    {"op": "trust_update", "document": "{...}"}   -> {"ok": true, "result": {"version", "applied", ...}}
     anything else, or a failure                   -> {"ok": false, "error": "what went wrong", "kind": "InstallError"}
 
 ``install`` normally carries the open bundle file as a descriptor (``SCM_RIGHTS``, which the CLI sends):
@@ -72,7 +73,7 @@ MAX_REQUEST_BYTES = 64 * 1024
 MAX_REPLY_BYTES = 16 << 20
 IDLE_TIMEOUT_S = 30.0  # a connection that sends nothing for this long is closed
 CONNECT_TIMEOUT_S = 5.0
-REPLY_TIMEOUT_S = {"status": 30.0, "install": 3600.0, "rollback": 3600.0}
+REPLY_TIMEOUT_S = {"status": 30.0, "install": 3600.0, "rollback": 3600.0, "trust_update": 30.0}
 _MAX_SUN_PATH = 107  # sockaddr_un.sun_path is 108 bytes with the terminating NUL
 
 
@@ -94,7 +95,16 @@ class RollbackRequest(_Request):
     name: str = Field(min_length=1, max_length=256)
 
 
-Request = Annotated[Union[StatusRequest, InstallRequest, RollbackRequest], Field(discriminator="op")]
+class TrustUpdateRequest(_Request):
+    """A new trust root (or a chain of them) for the daemon's trust store (``agent/trust_update.py``)."""
+
+    op: Literal["trust_update"] = "trust_update"
+    document: str = Field(min_length=2, max_length=MAX_REQUEST_BYTES - 1024)
+
+
+Request = Annotated[
+    Union[StatusRequest, InstallRequest, RollbackRequest, TrustUpdateRequest], Field(discriminator="op")
+]
 _REQUEST = TypeAdapter(Request)
 
 
@@ -206,6 +216,11 @@ class ControlServer:
                 )
             log.info("install of %s requested on the control socket", path)
             return {**dataclasses.asdict(self.agent.install(path)), "daemon": self._daemon()}
+        if isinstance(request, TrustUpdateRequest):
+            from edgepack.agent.trust_update import apply_document
+
+            log.info("trust update requested on the control socket")
+            return {**apply_document(self.agent.trust, request.document.encode()), "daemon": self._daemon()}
         if isinstance(request, RollbackRequest):
             log.info("rollback of %s requested on the control socket", request.name)
             return {**dataclasses.asdict(self.agent.rollback(request.name)), "daemon": self._daemon()}

@@ -138,6 +138,8 @@ def run(config: AgentConfig, options: LinkOptions | None = None, *, stop: thread
     install_factory_bundles(agent)  # an empty store and a firmware image's factory bundle: install it first
     handle = agent.start_api()
     log.info("device %s: local inference API on http://%s", config.device_id, handle.url)
+    if handle.grpc is not None:
+        log.info("device %s: KServe v2 gRPC on %s", config.device_id, handle.grpc.url)
     link: AgentLink | None = None
     watchdog: Watchdog | None = None
     control: ControlServer | None = None

@@ -38,7 +38,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import semver
@@ -52,6 +52,9 @@ from edgepack.runtimes.base import RuntimeOptions, get_backend
 from edgepack.runtimes.tensors import numpy_dtype
 from edgepack.selftest import read_vectors, run_selftest
 from edgepack.trust import TrustStore, check_target, check_version_forward
+
+if TYPE_CHECKING:
+    from edgepack.agent.threads import ServingPlan
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +95,9 @@ class Installer:
         device_targets: set[str] | None = None,
         options: RuntimeOptions | None = None,
         on_state: StateHook | None = None,
+        serving: ServingPlan | None = None,
     ) -> None:
+        self.serving = serving  # thread budget, per-model limits, batching (agent/threads.py); None: as loaded
         self.store = store
         self.live = live
         self.trust = trust
@@ -320,6 +325,7 @@ class Installer:
             self._admit(manifest, digest, state)
 
         if self.store.has_bundle(digest):
+            self.trust.check_fresh("new installs")  # reverify alone lets an expired root serve what it holds
             manifest = self.store.reverify(digest, self.trust)
             admit(manifest)
             return manifest
@@ -385,18 +391,21 @@ class Installer:
 
     def _load(self, manifest: Manifest, digest: str) -> LiveModel:
         backend = get_backend(manifest.runtime.name)
+        options = self.serving.runtime_options(manifest.name, self.options) if self.serving else self.options
         runtime_model = backend.load(
             self.store.bundle_dir(digest) / manifest.model_file,
             inputs=list(manifest.inputs),
             outputs=list(manifest.outputs),
             execution=manifest.execution,
-            options=self.options,
+            options=options,
         )
         try:
             _warm_up(runtime_model, manifest, self.store.bundle_dir(digest))
         except Exception:
             runtime_model.close()
             raise
+        if self.serving is not None:
+            runtime_model = self.serving.wrap(manifest.name, manifest.runtime.name, runtime_model)
         return LiveModel(manifest, digest, runtime_model)
 
     def _check_runtime(self, manifest: Manifest) -> None:

@@ -50,6 +50,8 @@ class LiveModel:
     leases: int = 0
     retired: bool = False
     closed: bool = False
+    # field data (agent/field_data.py): sees each answered request; never raises, never waits
+    observer: Callable[[Mapping[str, np.ndarray], Mapping[str, np.ndarray]], None] | None = None
 
     @property
     def name(self) -> str:
@@ -72,7 +74,10 @@ class LiveModel:
         return self.runtime_model.outputs
 
     def infer(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return self.runtime_model.infer(inputs)
+        outputs = self.runtime_model.infer(inputs)
+        if self.observer is not None:
+            self.observer(inputs, outputs)
+        return outputs
 
 
 @dataclass
@@ -182,6 +187,8 @@ class LiveModels:
         self._required: set[str] = set()
         self._expected = expected
         self.listener = listener or SwapListener()
+        # gives a model being swapped in its field-data observer (drift, capture); None: nothing watched
+        self.observer_factory: Callable[[LiveModel], Any] | None = None
 
     def require(self, name: str) -> None:
         """The server is not ready until ``name`` serves (e.g. the bundle ``edgepack serve`` was given)."""
@@ -201,6 +208,11 @@ class LiveModels:
             return self._slots.setdefault(name, ModelSlot(name))
 
     def swap(self, name: str, new: LiveModel | None) -> LiveModel | None:
+        if new is not None and self.observer_factory is not None:
+            try:
+                new.observer = self.observer_factory(new)
+            except Exception:  # field data must never keep a model from serving
+                log.exception("no field data for %s %s", new.name, new.version)
         old = self.slot(name).swap(new)
         self.listener.swapped(name, old.version if old else None, new.version if new else None)
         return old

@@ -54,7 +54,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from edgepack.errors import ChunkMismatchError, IndexMismatchError, QuotaExceededError, TransferError
-from edgepack.fsutil import atomic_write_bytes, fsync_dir
+from edgepack.fsutil import atomic_write_bytes, ensure_dir, fsync_dir
 from edgepack.protocol import ChunkIndex, InstallCommand, TransferCounters, parse_index, positions_of, sha256_hex
 
 log = logging.getLogger(__name__)
@@ -117,7 +117,7 @@ class Transfer:
         self._writes: queue.Queue[tuple[str, bytes] | None] = queue.Queue(maxsize=WRITE_QUEUE)
         self._writer: threading.Thread | None = None
         self._unsynced = 0
-        directory.mkdir(parents=True, exist_ok=True)
+        ensure_dir(directory)  # durable, so a power cut loses no resumable transfer
         assembled = directory / ASSEMBLED_FILE
         if assembled.exists() and not self.part.exists():  # stopped after assembling, before the install ended
             os.replace(assembled, self.part)

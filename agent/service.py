@@ -19,13 +19,17 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from edgepack.agent.api.app import default_workers
 from edgepack.agent.api.metrics import ApiMetrics
 from edgepack.agent.api.server import ServerHandle, serve, start_in_thread
 from edgepack.agent.config import AgentConfig
+from edgepack.agent.field_data import FieldData
+from edgepack.agent.field_metrics import FieldDataCollector
 from edgepack.agent.install import Installer, InstallResult
 from edgepack.agent.live import ActiveModels, LiveModels, SwapListener
 from edgepack.agent.store import DeviceStore
 from edgepack.agent.store_lock import StoreLock
+from edgepack.agent.threads import ServingPlan
 from edgepack.errors import EdgepackError
 from edgepack.trust import TrustStore
 
@@ -65,19 +69,28 @@ class DeviceAgent:
         self.metrics = ApiMetrics()
         # readiness waits for every model with an active bundle in state.json (agent/live.py)
         self.live = LiveModels(listener=MetricsListener(self.metrics), expected=ActiveModels(self.store))
+        # the thread budget, per-model limits and dynamic batching every loaded model gets (agent/threads.py)
+        self.serving = ServingPlan.from_config(config)
         self.installer = Installer(
             self.store,
             self.live,
             self.trust,
             device_targets=set(config.targets) if config.targets else None,
             options=config.runtime_options,
+            serving=self.serving,
         )
+        # drift against the bundles' reference statistics, and opt-in data capture (agent/field_data.py)
+        self.field_data = FieldData(config.drift, config.capture, config.state_dir, bundle_dir=self.store.bundle_dir)
+        self.live.observer_factory = self.field_data.observer_for
+        self.metrics.add_collector(FieldDataCollector(self.field_data))
         self._api: ServerHandle | None = None
 
     def boot(self) -> dict[str, str]:
         """Settle interrupted installs and load every committed model; returns name → version loaded."""
         for note in self.installer.recover():
             log.warning("recovery: %s", note)
+        for name in self.store.remove_interrupted_writes():
+            log.info("removed %s, the temporary file of a write a crash interrupted", name)
         loaded = self.installer.load_committed()
         log.info("serving %s", ", ".join(f"{n} {v}" for n, v in loaded.items()) or "no model yet")
         return loaded
@@ -89,7 +102,9 @@ class DeviceAgent:
         return self.installer.rollback(name)
 
     def status(self) -> dict[str, Any]:
-        return describe_store(self.store, self.live)
+        status = {**describe_store(self.store, self.live), "trust": self.trust.describe()}
+        status["field_data"] = self.field_data.status()  # drift per model, the capture buffer (docs/capture.md)
+        return status
 
     # --- local API -------------------------------------------------------------------------------
 
@@ -103,6 +118,9 @@ class DeviceAgent:
             "unix_mode": self.config.listen_unix_mode,
             "max_concurrent_requests": self.config.max_concurrent_requests,
             "max_queued_bytes": int(self.config.max_queued_mb * (1 << 20)) if self.config.max_queued_mb else None,
+            "grpc_port": self.config.grpc_port,
+            # a batch of N forms only while N requests wait in the API's inference threads
+            "workers": max(default_workers(), self.serving.batch_threads) if self.serving.batch_threads > 1 else None,
         }
 
     def start_api(self, port: int | None = None) -> ServerHandle:
@@ -126,6 +144,7 @@ class DeviceAgent:
             self._api.stop()
             self._api = None
         self.live.close_all()
+        self.field_data.close()
         self.lock.release()
 
 

@@ -322,8 +322,9 @@ class DeviceStore:
             if bundle_hash(manifest_bytes) != digest:
                 raise InstallError(f"stored bundle {digest[:12]}… does not match its name: the store was altered")
             manifest = parse_manifest(manifest_bytes)
-            trust.verify(
-                "manifest", manifest_bytes, decode_signatures((directory / SIGNATURES_NAME).read_bytes()), "bundle"
+            trust.verify(  # installed: an expired trust root still serves what it holds
+                "manifest", manifest_bytes, decode_signatures((directory / SIGNATURES_NAME).read_bytes()), "bundle",
+                installed=True,
             )
             for pinned in manifest.files:
                 if file_digest(directory / pinned.path) != (pinned.size, pinned.sha256):
@@ -361,6 +362,16 @@ class DeviceStore:
             shutil.rmtree(leftover, ignore_errors=True) if leftover.is_dir() else leftover.unlink(missing_ok=True)
         for partial in itertools.chain(self.root.glob(f".{STATE_FILE}.*.tmp"), (self.root / "journal").glob(".*.tmp")):
             partial.unlink(missing_ok=True)  # temporary files of writes a crash interrupted
+        return removed
+
+    def remove_interrupted_writes(self) -> list[str]:
+        """Delete the temporary files of atomic writes a crash cut short in the state directory's top level
+        (``.commands.json.*.tmp`` and the like). Only at boot, before anything else writes there: a live
+        writer's temporary file must not vanish under it."""
+        removed = []
+        for partial in self.root.glob(".*.tmp"):
+            partial.unlink(missing_ok=True)
+            removed.append(partial.name)
         return removed
 
     # --- journal ---------------------------------------------------------------------------------

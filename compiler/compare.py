@@ -106,6 +106,18 @@ class AccuracyReport:
             margins.extend((s.cosine_mean - self.bar.min_cosine) * 100.0 for s in out.slices)
         return min(margins) if margins else 0.0
 
+    def failing_outputs(self) -> list[str]:
+        """Names of the outputs that fail the bar in any way (whole tensor, agreement or a slice)."""
+        bar = self.bar
+        failing = []
+        for out in self.outputs:
+            whole = out.kind == "values" and out.cosine_mean is not None and out.cosine_mean < bar.min_cosine
+            agree = out.top1_agreement is not None and out.top1_agreement < bar.min_top1_agreement
+            drop = out.accuracy_drop is not None and out.accuracy_drop > bar.max_accuracy_drop
+            if whole or agree or drop or any(s.cosine_mean < bar.min_cosine for s in out.slices):
+                failing.append(out.name)
+        return failing
+
     def failing_slices(self) -> list[str]:
         """Names of the outputs that fail the bar in one of their slices (the search keeps their concat float)."""
         return [out.name for out in self.outputs if any(s.cosine_mean < self.bar.min_cosine for s in out.slices)]

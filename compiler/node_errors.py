@@ -22,7 +22,7 @@ from __future__ import annotations
 import logging
 import math
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -88,7 +88,10 @@ def analyse(float_model: Path, qdq_model: Path, feeds: Sequence[dict[str, np.nda
         loss = (max(before) if before else _IDEAL_INT8_DB) - worst
         findings.append(NodeError(tensor, "activation", worst, whole, loss, neighbours[tensor]))
     for weight, values in create_weight_matching(str(float_model), str(qdq_model)).items():
-        if weight not in neighbours:
+        if weight not in neighbours or np.asarray(values["float"]).size < 2:
+            # a scalar constant (an Add's or Mul's second input) has no channels to lose, and onnxruntime's
+            # matching dequantizes it with the wrong parameters (-6 dB on every one of a detector's; keeping
+            # all of them float changed its output not at all): not a finding
             continue
         worst, whole = _scores(np.asarray(values["float"]), np.asarray(values["dequantized"]), axis=0)
         findings.append(NodeError(weight, "weight", worst, whole, _WEIGHT_SQNR_OK_DB - worst, neighbours[weight]))
@@ -97,62 +100,145 @@ def analyse(float_model: Path, qdq_model: Path, feeds: Sequence[dict[str, np.nda
     return findings
 
 
+def analysis_samples(feeds: Sequence[dict[str, np.ndarray]], per_sample_bytes: int) -> int:
+    """How many of ``feeds`` the analysis runs: all (up to 16) for small models, fewer for models whose one
+    sample's quantized activations are large (a 640×640 detector's hold millions of values per tensor,
+    plenty for an SQNR), at least :data:`MIN_ANALYSIS_SAMPLES` — the analysis time stays bounded."""
+    fit = ANALYSIS_TOTAL_BYTES // max(per_sample_bytes, 1)
+    return max(min(len(feeds), MIN_ANALYSIS_SAMPLES), min(len(feeds), MAX_ANALYSIS_SAMPLES, int(fit)))
+
+
+MIN_ANALYSIS_SAMPLES, MAX_ANALYSIS_SAMPLES = 4, 16
+# Values (float and int8 side, all samples) one analysis streams through at most, before the 4-sample floor.
+ANALYSIS_TOTAL_BYTES = 2 * 2**30
+
+
 def _streamed_scores(
-    float_model: Path, qdq_model: Path, feeds: Sequence[dict[str, np.ndarray]], shapes: dict[str, list[int | None]]
+    float_model: Path,
+    qdq_model: Path,
+    feeds: Sequence[dict[str, np.ndarray]],
+    shapes: dict[str, list[int | None]],
+    budget_bytes: int | None = None,
 ) -> dict[str, tuple[float, float]]:
     """(worst-channel, whole-tensor) SQNR of every quantized activation against the float model.
 
-    Streamed: both models run one feed at a time (onnxruntime's augmented models, every tensor an
-    output), each tensor's per-channel signal and noise energies are summed, and the sample's tensors are
-    dropped before the next one. Holding every activation of every sample (what onnxruntime's
-    ``collect_activations`` does) took a 640×640 detector past 24 GB; this holds one sample's.
+    Streamed per sample *and* per tensor: the quantized tensors are split into groups whose values for one
+    sample (float and int8 side together) fit in ``budget_bytes`` (:data:`ANALYSIS_GROUP_BYTES`); for each
+    group both models run with only that group's tensors as extra outputs, one feed at a time, and each
+    tensor's per-channel signal and noise energies are summed before the next feed. Holding every
+    activation of every sample (what onnxruntime's ``collect_activations`` does) took a 640×640 detector
+    past 24 GB; even one sample's every activation was 4 GB. This holds one group of one sample.
     """
     import onnxruntime
-    from onnxruntime.quantization.qdq_loss_debug import (
-        create_activation_matching,
-        modify_model_output_intermediate_tensors,
-    )
 
+    budget = budget_bytes if budget_bytes is not None else ANALYSIS_GROUP_BYTES
+    float_proto = onnx.load(str(float_model), load_external_data=False)
+    qdq_proto = onnx.load(str(qdq_model))
+    pairs = quantized_activations(float_proto, qdq_proto)
+    feeds = feeds[: analysis_samples(feeds, 2 * activation_bytes(shapes, [t for t, _ in pairs]))]
     options = onnxruntime.SessionOptions()
     options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_DISABLE_ALL
-    sums: dict[str, _EnergySums] = {}
+    sums: dict[str, EnergySums] = {}
+    groups = _groups(pairs, shapes, budget)
+    log.info("int8 analysis: %d quantized tensors in %d group(s), %d sample(s)", len(pairs), len(groups), len(feeds))
     with tempfile.TemporaryDirectory(prefix="edgepack-nodes-") as tmp:
-        sessions = []
-        for label, model in (("float", float_model), ("qdq", qdq_model)):
-            augmented = Path(tmp) / f"{label}-augmented.onnx"
-            modify_model_output_intermediate_tensors(str(model), str(augmented))
-            sessions.append(onnxruntime.InferenceSession(str(augmented), options, providers=["CPUExecutionProvider"]))
-        for feed in feeds:
-            float_acts, qdq_acts = (_one_run(session, feed) for session in sessions)
-            matched = create_activation_matching(qdq_acts, float_acts)
-            del float_acts, qdq_acts
-            for tensor, values in matched.items():
-                post, ref = values.get("post_qdq"), values.get("float")
-                if post is None or ref is None:
-                    continue
-                shape = shapes.get(tensor)
-                sums.setdefault(tensor, _EnergySums()).add(_cat(ref, shape), _cat(post, shape))
-            del matched
+        for index, group in enumerate(groups):
+            sessions = []
+            for label, proto, names in (
+                ("float", float_proto, [t for t, _ in group]),
+                ("qdq", qdq_proto, [q for _, q in group]),
+            ):
+                path = Path(tmp) / f"{label}-{index}.onnx"
+                onnx.save(_with_outputs(proto, names), str(path))
+                sessions.append(onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"]))
+            wanted = [[t for t, _ in group], [q for _, q in group]]
+            for feed in feeds:
+                ref_values, q_values = (s.run(names, feed) for s, names in zip(sessions, wanted, strict=True))
+                for (tensor, _), ref, post in zip(group, ref_values, q_values, strict=True):
+                    if ref.shape != post.shape:
+                        continue
+                    sums.setdefault(tensor, EnergySums()).add(ref, post)
+                del ref_values, q_values
+            del sessions
     return {tensor: s.scores() for tensor, s in sums.items()}
 
 
-def _one_run(session: object, feed: dict[str, np.ndarray]) -> dict[str, list[np.ndarray]]:
-    """One feed through an augmented model: {tensor name: [value]} (the saved-tensor outputs only)."""
-    from onnxruntime.quantization.qdq_loss_debug import _TENSOR_SAVE_POSTFIX
-
-    outputs = session.get_outputs()  # type: ignore[attr-defined]
-    values = session.run(None, feed)  # type: ignore[attr-defined]
-    return {
-        o.name[: -len(_TENSOR_SAVE_POSTFIX)]: [v]
-        for o, v in zip(outputs, values, strict=True)
-        if o.name.endswith(_TENSOR_SAVE_POSTFIX)
-    }
+# One group of the streamed analysis: the float and int8 values of its tensors for one sample.
+ANALYSIS_GROUP_BYTES = 256 * 2**20
 
 
-class _EnergySums:
-    """Running per-channel signal and noise energies of one tensor over samples (see :func:`_scores`)."""
+def quantized_activations(float_proto: onnx.ModelProto, qdq_proto: onnx.ModelProto) -> list[tuple[str, str]]:
+    """(float tensor, its dequantized twin in the QDQ model) for every activation the QDQ model quantizes
+    (onnxruntime names a DequantizeLinear's output ``<tensor>_DequantizeLinear_Output``, ``..._1`` when
+    there are two)."""
+    from onnxruntime.quantization.quant_utils import DEQUANT_OUTPUT_SUFFIX, QUANT_INPUT_SUFFIX
 
-    def __init__(self) -> None:
+    weights = {t.name for t in float_proto.graph.initializer}
+    produced = {o for n in float_proto.graph.node for o in n.output} | {i.name for i in float_proto.graph.input}
+    pairs: dict[str, str] = {}
+    for node in qdq_proto.graph.node:
+        if node.op_type == "QuantizeLinear" and node.input[0].endswith(QUANT_INPUT_SUFFIX):
+            # a graph output: its producer writes "<tensor>_QuantizeLinear_Input", the DequantizeLinear "<tensor>"
+            tensor = node.input[0][: -len(QUANT_INPUT_SUFFIX)]
+            if tensor in produced:
+                pairs.setdefault(tensor, tensor)
+            continue
+        if node.op_type != "DequantizeLinear":
+            continue
+        out = node.output[0]
+        for suffix in (DEQUANT_OUTPUT_SUFFIX, DEQUANT_OUTPUT_SUFFIX + "_1"):
+            if out.endswith(suffix):
+                tensor = out[: -len(suffix)]
+                if tensor in produced and tensor not in weights:
+                    pairs.setdefault(tensor, out)
+                break
+    return list(pairs.items())
+
+
+def activation_bytes(shapes: Mapping[str, list[int | None]], tensors: Sequence[str]) -> int:
+    """Bytes of one sample's float32 values of ``tensors`` (from inferred shapes; unknown dims count 1)."""
+    return sum(4 * int(np.prod([d or 1 for d in shapes.get(t) or [1]])) for t in tensors)
+
+
+def _groups(
+    pairs: Sequence[tuple[str, str]], shapes: Mapping[str, list[int | None]], budget: int
+) -> list[list[tuple[str, str]]]:
+    """``pairs`` in graph order cut into groups of at most ``budget`` bytes (float + int8 side) per sample."""
+    groups: list[list[tuple[str, str]]] = []
+    current: list[tuple[str, str]] = []
+    size = 0
+    for pair in pairs:
+        cost = 2 * activation_bytes(shapes, [pair[0]])
+        if current and size + cost > budget:
+            groups.append(current)
+            current, size = [], 0
+        current.append(pair)
+        size += cost
+    if current:
+        groups.append(current)
+    return groups
+
+
+def _with_outputs(proto: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProto:
+    """A copy of ``proto`` that also outputs the tensors ``names`` (graph outputs already there are kept)."""
+    model = onnx.ModelProto()
+    model.CopyFrom(proto)
+    present = {o.name for o in model.graph.output}
+    for name in names:
+        if name not in present:
+            model.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
+            present.add(name)
+    return model
+
+
+class EnergySums:
+    """Running per-channel signal and noise energies of one tensor over samples (see :func:`_scores`).
+
+    ``channel_axis``: the channels' axis; None is axis 1 for rank >= 3 (NCHW), else the last axis. One
+    instance per tensor holds a few numbers per channel, never the tensor's values."""
+
+    def __init__(self, channel_axis: int | None = None) -> None:
+        self.channel_axis = channel_axis
         self.signal: np.ndarray | None = None
         self.noise: np.ndarray | None = None
         self.whole_signal = 0.0
@@ -165,7 +251,7 @@ class _EnergySums:
         self.whole_noise += float(np.sum(noise * noise))
         if ref.ndim < 2:
             return
-        axis = 1 if ref.ndim >= 3 else ref.ndim - 1
+        axis = self.channel_axis % ref.ndim if self.channel_axis is not None else (1 if ref.ndim >= 3 else ref.ndim - 1)
         other = tuple(i for i in range(ref.ndim) if i != axis)
         signal, error = np.sum(ref * ref, axis=other), np.sum(noise * noise, axis=other)
         if self.signal is None or self.noise is None or self.signal.shape != signal.shape:
@@ -183,17 +269,6 @@ class _EnergySums:
             return whole, whole
         worst = min(_sqnr(float(s), float(e)) for s, e in zip(self.signal[live], self.noise[live], strict=True))
         return worst, whole
-
-
-def _cat(values: Sequence[np.ndarray], shape: list[int | None] | None) -> np.ndarray:
-    """Samples (flattened by onnxruntime's helper) back in their tensor shape, joined on axis 0."""
-    arrays = [np.asarray(v) for v in values]
-    if shape and len(shape) >= 2 and all(d is not None for d in shape[1:]):
-        rest = [int(d) for d in shape[1:]]  # type: ignore[arg-type]
-        if all(a.size % max(1, int(np.prod(rest))) == 0 for a in arrays):
-            arrays = [a.reshape(-1, *rest) for a in arrays]
-            return np.concatenate(arrays)
-    return np.concatenate([a.reshape(-1) for a in arrays])
 
 
 def _shapes(proto: onnx.ModelProto) -> dict[str, list[int | None]]:

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import io
 import logging
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, redirect_stderr, redirect_stdout
 from dataclasses import asdict, dataclass
@@ -35,10 +36,10 @@ from typing import Any, Literal
 
 import numpy as np
 
-from edgepack.compiler.accuracy_aware import KeptInFloat, keep_worst_in_float
+from edgepack.compiler.accuracy_aware import SEARCH_BUDGET_S, KeptInFloat, keep_worst_in_float
 from edgepack.compiler.compare import AccuracyReport
 from edgepack.compiler.family import Conversion, ConvertJob, HostModel
-from edgepack.compiler.node_errors import _EnergySums, _scores  # the per-channel SQNR of the ONNX Runtime analysis
+from edgepack.compiler.node_errors import EnergySums, _scores  # the per-channel SQNR of the ONNX Runtime analysis
 from edgepack.compiler.openvino_convert import compiled_model, host_config, openvino_version, save_ir
 from edgepack.compiler.quantizer_failures import quantizer_failures
 from edgepack.targets.openvino_family import inference_precision
@@ -122,7 +123,12 @@ def search_int8(model: Any, job: ConvertJob, *, max_steps: int = 8, max_float_fr
     tries: list[dict[str, Any]] = []
     report: AccuracyReport | None = None
     total: int | None = None
+    started = time.monotonic()
     for step in range(max_steps + 1):
+        if step > 0 and time.monotonic() - started > SEARCH_BUDGET_S:
+            tries[-1]["stopped"] = f"time budget spent ({time.monotonic() - started:.0f} s of {SEARCH_BUDGET_S:.0f} s)"
+            log.info("int8: %s", tries[-1]["stopped"])
+            break
         quantized = quantize(model, feeds, settings, ignored)
         host = save_ir(job, quantized, f"int8-step{step}")
         report = job.evaluate(host)
@@ -138,15 +144,21 @@ def search_int8(model: Any, job: ConvertJob, *, max_steps: int = 8, max_float_fr
             compiled.kept_in_float = list(kept)
             return Conversion("int8", compiled, report, tries, list(kept), baseline=_baseline(job, model))
         if step == max_steps:
+            tries[-1]["stopped"] = f"step budget spent ({max_steps} steps)"
             break
         findings = analyse(model, quantized, feeds[:_ANALYSIS_SAMPLES])
         if total is None:  # activation quantizers of the fully quantized model
             total = sum(1 for fq in _fake_quantizes(quantized) if not _is_weight(fq))
         if not keep_worst_in_float(findings, ignored, kept, step):
-            log.info("int8: no quantized tensor left to keep in float")
+            tries[-1]["stopped"] = (
+                "no activation quantizer whose bypass alone gives the outputs back any accuracy "
+                "(the loss is spread over many of them)"
+            )
+            log.info("int8: %s", tries[-1]["stopped"])
             break
         if len(kept) > max_float_fraction * total:
-            log.info("int8: %d quantized tensors would be float; int8 no longer pays", len(kept))
+            tries[-1]["stopped"] = f"{len(kept)} of {total} quantized tensors would be float; int8 no longer pays"
+            log.info("int8: %s", tries[-1]["stopped"])
             break
     return Conversion("int8", None, report, tries, kept)
 
@@ -196,7 +208,7 @@ def analyse(float_model: Any, int8_model: Any, feeds: Feeds, *, max_candidates: 
     config = host_config({"inference_precision": "f32"})
     # streamed: one feed through both models at a time, energies summed per channel (never every tensor of
     # every sample at once: that is what took a 640x640 detector's analysis to GBs)
-    sums = [_EnergySums() for _ in pairs]
+    sums = [EnergySums() for _ in pairs]
     q_run = _collector(core, int8_model, [(name, 0) for name, _p, _i, _c in pairs], feeds, config)
     f_run = _collector(core, float_model, [(p, i) for _n, p, i, _c in pairs], feeds, config)
     for feed in feeds:

@@ -14,7 +14,10 @@ Where the slices come from, first match wins:
    inputs' static sizes along its axis are the slices;
 3. the values: along one non-batch axis the per-index RMS of the reference outputs splits into two
    groups more than a factor :data:`MIXED_SCALE_RATIO` apart, forming 2 to :data:`MAX_SLICES` contiguous
-   runs (an output built some other way, or a TFLite source).
+   runs, *at the same indices in every sample* (an output built some other way, or a TFLite source). The
+   last condition tells a concatenation from a map: a 640×640 text detector's probability map has empty
+   paper margins whose columns are a million times quieter than the text, but where they are moves from
+   image to image; judging those margins' 1e-6 values by their own cosine failed every int8 model.
 
 Slices from 2 and 3 are used only when their scales (RMS of the original model's values) differ by at
 least :data:`MIXED_SCALE_RATIO`: a concatenation of parts on one scale is judged whole, as before.
@@ -238,12 +241,23 @@ def _value_slices(name: str, values: list[np.ndarray]) -> OutputSlices | None:
                 start = i
         if not 2 <= len(bounds) <= MAX_SLICES:
             continue
+        if not _same_in_every_sample(values, axis, threshold, big):
+            continue
         if best is None or gap > best[0]:
             best = (gap, axis, bounds)
     if best is None:
         return None
     _gap, axis, bounds = best
     return OutputSlices(name, axis, tuple(bounds), "value ranges", _slice_rms(values, axis, bounds))
+
+
+def _same_in_every_sample(values: list[np.ndarray], axis: int, threshold: float, big: np.ndarray) -> bool:
+    """A concatenation puts its parts at the same indices in every sample (box rows are always in pixels);
+    a map's quiet regions move with the content (a text detector's empty paper margins). True when every
+    sample splits ``axis`` at ``threshold`` the way the samples together do (``big``)."""
+    if len(values) < 2:
+        return True
+    return all(np.array_equal(_index_rms([v], axis) >= threshold, big) for v in values)
 
 
 # --- numbers --------------------------------------------------------------------------------------

@@ -67,6 +67,7 @@ from edgepack.compiler.node_errors import name_nodes
 from edgepack.compiler.optimize import OptimizeResult, optimize
 from edgepack.compiler.output_slices import find_slices, parse_output_slices
 from edgepack.compiler.progress import Progress
+from edgepack.compiler.reference_stats import write_reference_stats
 from edgepack.compiler.runner import CPU_PLAN
 from edgepack.compiler.selftest_vectors import write_selftest
 from edgepack.datasets import SampleSource, load_samples
@@ -299,6 +300,10 @@ def compile_model(request: CompileRequest, progress: Progress | None = None) -> 
             vectors = write_selftest(tmp, evaluation.feeds[:n], outputs, precision)
             step.detail(f"{n} samples, atol {vectors.selftest.atol:g}")
 
+        with _timed(progress, "reference statistics", timings, model=request.model) as step:
+            refstats_path, refstats = write_reference_stats(tmp, calibration, source.inputs, source.outputs, reference)
+            step.detail(f"{len(refstats.inputs)} input(s), {len(refstats.outputs)} output(s) summarised")
+
         with _timed(progress, "write and sign bundle", timings, model=request.model) as step:
             manifest = _write(
                 request,
@@ -313,6 +318,7 @@ def compile_model(request: CompileRequest, progress: Progress | None = None) -> 
                 keys,
                 attempts,
                 len(calibration),
+                refstats_path,
             )
             step.detail(f"{output} ({output.stat().st_size} bytes)")
 
@@ -380,8 +386,10 @@ def _write(
     keys: list[Any],
     attempts: list[dict[str, Any]],
     calibration_count: int,
+    refstats: Path | None = None,
 ) -> Manifest:
     from edgepack.bundle import BundleFile, write_bundle
+    from edgepack.refstats import METADATA_KEY
 
     model_source = next(f.source for f in compiled.files if f.path == compiled.model_file)
     digest = hashlib.sha256(Path(model_source).read_bytes()).hexdigest()
@@ -394,7 +402,11 @@ def _write(
     accuracy = {**report.to_dict(), "precision": precision, "attempts": _compact(attempts)}
     return write_bundle(
         Path(request.output),
-        files=[*compiled.files, BundleFile(vectors.selftest.vectors, vectors.path, "selftest")],
+        files=[
+            *compiled.files,
+            BundleFile(vectors.selftest.vectors, vectors.path, "selftest"),
+            *([BundleFile(refstats.name, refstats, "aux")] if refstats else []),
+        ],
         signers=keys,
         name=_bundle_name(request, source),
         version=request.version,
@@ -403,7 +415,7 @@ def _write(
         model_file=compiled.model_file,
         inputs=compiled.inputs,
         outputs=compiled.outputs,
-        metadata=_metadata(source),
+        metadata={**_metadata(source), **({METADATA_KEY: refstats.name} if refstats else {})},
         execution=target.family.execution_plan(target, precision=precision, model_sha256=digest),
         quantization=quantization,
         accuracy=accuracy,

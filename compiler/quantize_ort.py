@@ -19,8 +19,13 @@ model; ``quant_pre_process`` does not raise the opset that far, so :func:`ensure
 Dynamic quantization (weights int8, activations quantized on the fly) is offered for MatMul-heavy models
 (transformers) where it can be faster; the accuracy-aware driver measures and picks.
 
-Calibration ranges are cached in a JSON file per compile, so re-quantizing with other nodes kept in float
-does not run the calibration again.
+Calibration ranges are cached in a JSON file per compile and method, so re-quantizing with other nodes kept
+in float does not run the calibration again. Calibration is streamed: onnxruntime's calibrator is fed one
+sample per ``collect_data`` (its strided mode, ``CalibStridedMinMax=1``) and reduces it to statistics —
+min/max, or for ``percentile``/``entropy`` per-tensor histograms merged sample by sample — before the next,
+so memory is one sample's activations whatever the number of samples. Without the stride the histogram
+methods hold every activation of every sample (measured on a 640×640 DBNet detector: 6 GB at 8 samples,
+24 GB at 32).
 """
 
 from __future__ import annotations
@@ -142,8 +147,16 @@ def _quantize(
         return
 
     class _Reader(CalibrationDataReader):
+        """The calibration samples; ``set_range`` is how onnxruntime's strided calibration walks them."""
+
         def __init__(self) -> None:
             self._it: Iterator[dict[str, np.ndarray]] = iter(calibration)
+
+        def __len__(self) -> int:
+            return len(calibration)
+
+        def set_range(self, start_index: int, end_index: int) -> None:
+            self._it = iter(calibration[start_index:end_index])
 
         def get_next(self) -> dict[str, np.ndarray] | None:
             feed = next(self._it, None)
@@ -173,6 +186,10 @@ def _quantize(
         extra_options={
             "ActivationSymmetric": settings.activation_symmetric,
             "WeightSymmetric": True,
+            # one sample per collect_data call: the calibrator reduces each sample to its statistics (min/max,
+            # or per-tensor histograms that it merges) before the next; without a stride the histogram
+            # methods keep every activation of every sample (a 640x640 detector: 6 GB per 8 samples)
+            "CalibStridedMinMax": 1,
         },
         **cache_kwargs,
     )

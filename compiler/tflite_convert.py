@@ -101,6 +101,25 @@ class ConvertedModel:
         }
 
 
+_TF_SCOPE = re.compile(r"[^A-Za-z0-9_.\\/>-]")
+
+
+def _tf_scope_names(proto: onnx.ModelProto) -> None:
+    """Node names TensorFlow takes as scope names (``^[A-Za-z0-9_.\\/>-]*$``): onnx2tf names a layer after its
+    node, and onnxslim names fused nodes ``Softmax@0``, which Keras refuses ("not a valid scope name"; the
+    OCR direction classifier of rapidocr failed so). Other characters become ``_``, kept unique; tensor
+    names (which the int8 search works with) do not change."""
+    used = {n.name for n in proto.graph.node}
+    for node in proto.graph.node:
+        if not _TF_SCOPE.search(node.name):
+            continue
+        name = _TF_SCOPE.sub("_", node.name)
+        while name in used:
+            name += "_"
+        used.add(name)
+        node.name = name
+
+
 def convert_onnx(
     onnx_path: Path,
     workdir: Path,
@@ -133,6 +152,7 @@ def convert_onnx(
     proto, lstms = unroll_lstms(proto, check_feed=feeds[0])  # onnx2tf's Keras LSTM refuses state in/out
     if lstms and on_progress:
         on_progress(f"{len(lstms)} LSTM node(s) unrolled into MatMul steps for onnx2tf")
+    _tf_scope_names(proto)
     _fit_ir_version(proto)
     model_copy = work / "model.onnx"
     onnx.save(proto, str(model_copy))
@@ -385,12 +405,20 @@ def _tflite_outputs(tflite: Path, inputs: list[_Match], feed: Mapping[str, np.nd
                 match.tensor.index, np.ascontiguousarray(array.astype(details[match.tensor.index]["dtype"]))
             )
         interpreter.invoke()
+        empty = [d for d in interpreter.get_output_details() if 0 in list(d["shape"])]
+        if empty:  # onnx2tf got a shape computation wrong: an output with a 0 dimension cannot be read
+            shapes = ", ".join(f"{d['name']} {[int(v) for v in d['shape']]}" for d in empty)
+            raise UnsupportedModelError(
+                f"onnx2tf's TFLite model has output(s) with a dimension of 0 ({shapes}) that the ONNX model does "
+                "not have: onnx2tf mis-converted a shape computation of this model; compile for a target whose "
+                "runtime runs ONNX (x86, intel-cpu), or simplify the shape ops that feed those outputs"
+            )
+        return {int(d["index"]): np.array(interpreter.get_tensor(d["index"])) for d in interpreter.get_output_details()}
     except (RuntimeError, ValueError) as exc:  # e.g. a custom op this LiteRT has no kernel for
         raise UnsupportedModelError(
             f"onnx2tf's TFLite model does not run on LiteRT {installed_version('ai-edge-litert')}: {exc}; compile for a target "
             "whose runtime runs ONNX (e.g. x86), or replace the op it names"
         ) from exc
-    return {int(d["index"]): np.array(interpreter.get_tensor(d["index"])) for d in interpreter.get_output_details()}
 
 
 def _fit_ir_version(proto: onnx.ModelProto) -> None:

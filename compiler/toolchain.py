@@ -106,7 +106,27 @@ TFLITE = ToolchainSpec(
     key_packages=("onnx2tf", "tensorflow", "tf-keras", "onnx", "onnxsim", "numpy"),
 )
 
-SPECS: dict[str, ToolchainSpec] = {TFLITE.name: TFLITE}
+# tf2onnx 1.17.0 (TFLite → ONNX, its ``--tflite`` input) imports TensorFlow but does not declare it; the
+# pins are the tflite toolchain's TensorFlow stack, so both environments hold the same TensorFlow.
+TF2ONNX = ToolchainSpec(
+    name="tf2onnx",
+    description="TFLite → ONNX converter (tf2onnx on TensorFlow 2.19, numpy 1.26)",
+    requirements=(
+        "tf2onnx==1.17.0",
+        "tensorflow==2.19.0",
+        "numpy==1.26.4",
+        "onnx==1.19.1",
+        "protobuf==4.25.5",
+        "flatbuffers==25.12.19",
+        "ml-dtypes==0.5.1",
+        "h5py==3.11.0",
+        "requests==2.32.5",
+    ),
+    imports=("tf2onnx", "tensorflow", "onnx"),
+    key_packages=("tf2onnx", "tensorflow", "onnx", "numpy"),
+)
+
+SPECS: dict[str, ToolchainSpec] = {TFLITE.name: TFLITE, TF2ONNX.name: TF2ONNX}
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,9 @@ catches :class:`EdgepackError` and prints its message with a non-zero exit code.
     EdgepackError
     ├── ConfigError                 bad configuration or command-line value
     ├── KeyFileError                a key file that cannot be read or has the wrong kind of key
+    │   └── KeyPassphraseError      an encrypted key and no (or a wrong) passphrase
     ├── TrustStoreError             a trust directory that is missing or malformed
+    │   └── TrustUpdateError        a new trust root refused (signatures, version, revocations, expiry)
     ├── BundleError                 anything wrong with a bundle
     │   ├── BundleFormatError       not a well-formed bundle (bad archive, bad manifest)
     │   │   ├── UnsafeArchiveError  hostile archive: traversal, links, duplicates, caps exceeded
@@ -23,7 +25,8 @@ catches :class:`EdgepackError` and prints its message with a non-zero exit code.
     │       ├── ThresholdNotMetError
     │       ├── ExpiredBundleError
     │       ├── RollbackRefusedError
-    │       └── TargetMismatchError
+    │       ├── TargetMismatchError
+    │       └── ExpiredTrustError   the device's trust root expired: nothing new is accepted
     ├── RuntimeBackendError         a runtime that cannot load or run a model
     │   └── RuntimeNotInstalledError
     ├── InferenceInputError         inputs that do not fit a model's signature
@@ -57,8 +60,18 @@ class KeyFileError(EdgepackError):
     """A key file is missing, unreadable or holds the wrong kind of key."""
 
 
+class KeyPassphraseError(KeyFileError):
+    """A private key is encrypted and no (or a wrong) passphrase was given."""
+
+
 class TrustStoreError(EdgepackError):
     """A trust store directory is missing or malformed."""
+
+
+class TrustUpdateError(TrustStoreError):
+    """A new version of the trust root was refused (signatures, version order, expiry, revocations)."""
+
+    code = "trust_update"
 
 
 # --- bundles -------------------------------------------------------------------------------------
@@ -126,6 +139,12 @@ class RollbackRefusedError(VerificationError):
 
 class TargetMismatchError(VerificationError):
     """The bundle was built for another target than this device."""
+
+
+class ExpiredTrustError(VerificationError):
+    """The device's trust root has expired: it serves what is installed but accepts nothing new."""
+
+    code = "trust_expired"
 
 
 # --- runtimes ------------------------------------------------------------------------------------
@@ -374,6 +393,7 @@ class ConversionError(CompileError):
 #   EdgepackError
 #   └── FleetError                  a rollout or registry operation that cannot go ahead
 #       └── JournalLockedError      another operator process is running rollouts on this journal
+#       └── FleetIdentityError      the fleet CA, a device/operator certificate or the broker config (fleet/ca.py)
 
 
 class FleetError(EdgepackError):
@@ -382,3 +402,7 @@ class FleetError(EdgepackError):
 
 class JournalLockedError(FleetError):
     """Another operator process holds the rollout journal; the message names it."""
+
+
+class FleetIdentityError(FleetError):
+    """The fleet CA, a certificate it issues or the broker configuration made from it cannot be used as asked."""

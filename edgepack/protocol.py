@@ -5,11 +5,14 @@ Both sides import this module and nothing else defines a topic or a message (the
 
     {prefix}/devices/{device}/cmd     operator → device   retained, QoS 1   SignedCommand
     {prefix}/groups/{group}/cmd       operator → group    retained, QoS 1   SignedCommand
+    {prefix}/groups/{group}/trust     operator → group    retained, QoS 1   TrustUpdate (root versions, TUF-signed)
     {prefix}/devices/{device}/state   device → anyone     retained, QoS 1   DeviceState (last will: online=false)
     {prefix}/devices/{device}/events  device → operator   QoS 1             Event (accepted, progress, need, result, rejected)
     {prefix}/bundles/{bundle}/index   operator → devices  retained, QoS 1   ChunkIndex
     {prefix}/chunks/{sha256}          operator → devices  retained, QoS 1   the chunk's raw bytes
     {prefix}/operators/{client}/sync  operator → itself   QoS 1             a marker (see fleet/deploy.py)
+    {prefix}/devices/{device}/capture      device → operator  QoS 1   CaptureChunk, CaptureEnd (docs/capture.md)
+    {prefix}/devices/{device}/capture/ctl  operator → device  QoS 1   SignedCaptureControl (pull, ack; config retained)
 
 Every JSON message carries ``"v": 1``. Messages a device acts on (commands, indexes) are strict: unknown
 fields are refused, so the bytes a signature covers mean exactly one thing. Messages the operator reads
@@ -67,6 +70,8 @@ MAX_COMMAND_BYTES = 64 << 10
 MAX_INDEX_BYTES = 8 << 20
 MAX_EVENT_BYTES = 1 << 20
 MAX_NEED_CHUNKS = 1024
+MAX_TRUST_BYTES = 1 << 20
+MAX_TRUST_ROOTS = 64
 DEFAULT_COMMAND_TTL = timedelta(days=7)
 
 COMMAND_ACTIONS = ("install", "rollback")
@@ -86,7 +91,7 @@ CommandId = Annotated[str, Field(pattern=r"^[0-9a-f]{32}$")]
 class TopicMatch:
     """What a received topic is: ``kind`` and the id in it (device, group, bundle digest or chunk hash)."""
 
-    kind: Literal["device_cmd", "group_cmd", "state", "events", "index", "chunk", "sync"]
+    kind: Literal["device_cmd", "group_cmd", "group_trust", "state", "events", "index", "chunk", "sync", "capture", "capture_ctl"]
     key: str
 
 
@@ -109,6 +114,9 @@ class Topics:
     def group_command(self, group: str) -> str:
         return f"{self.prefix}/groups/{_checked(group)}/cmd"
 
+    def group_trust(self, group: str) -> str:
+        return f"{self.prefix}/groups/{_checked(group)}/trust"
+
     def state(self, device: str) -> str:
         return f"{self.prefix}/devices/{_checked(device)}/state"
 
@@ -117,6 +125,14 @@ class Topics:
 
     def index(self, bundle: str) -> str:
         return f"{self.prefix}/bundles/{bundle}/index"
+
+    def capture(self, device: str) -> str:
+        """Captured records, chunked, from the device to the operator pulling them."""
+        return f"{self.prefix}/devices/{_checked(device)}/capture"
+
+    def capture_control(self, device: str) -> str:
+        """The operator's signed pull requests and acknowledgements to the device."""
+        return f"{self.prefix}/devices/{_checked(device)}/capture/ctl"
 
     def chunk(self, sha256: str) -> str:
         return f"{self.prefix}/chunks/{sha256}"
@@ -143,10 +159,16 @@ class Topics:
                 return TopicMatch("device_cmd", device)
             case ["groups", group, "cmd"]:
                 return TopicMatch("group_cmd", group)
+            case ["groups", group, "trust"]:
+                return TopicMatch("group_trust", group)
             case ["devices", device, "state"]:
                 return TopicMatch("state", device)
             case ["devices", device, "events"]:
                 return TopicMatch("events", device)
+            case ["devices", device, "capture"]:
+                return TopicMatch("capture", device)
+            case ["devices", device, "capture", "ctl"]:
+                return TopicMatch("capture_ctl", device)
             case ["bundles", bundle, "index"]:
                 return TopicMatch("index", bundle)
             case ["chunks", sha]:
@@ -289,6 +311,18 @@ class SignedCommand(_Strict):
         return [Signature.from_json(entry.model_dump()) for entry in self.signatures]
 
 
+class TrustUpdate(_Strict):
+    """New versions of the trust root, oldest first: each one a TUF root document (``{"signed", "signatures"}``).
+
+    The message needs no signature of its own: every root in it is signed by root keys, and a device
+    applies one only by the rotation rule of ``edgepack/trust.py`` (N+1, signed by N's and its own root keys).
+    """
+
+    v: Literal[1] = 1
+    kind: Literal["trust"] = "trust"
+    roots: list[dict[str, Any]] = Field(min_length=1, max_length=MAX_TRUST_ROOTS)
+
+
 class _Event(_Lenient):
     v: Literal[1] = 1
     device: str
@@ -365,12 +399,47 @@ Event = Annotated[
 _EVENT = TypeAdapter(Event)
 
 
+class DriftChannel(_Lenient):
+    """One input channel (group) of a model's drift window (``agent/drift.py``)."""
+
+    tensor: str
+    channel: int
+    level: str
+    psi: float
+    out_of_range: float = 0.0
+    nonfinite: float = 0.0
+    mean: float | None = None
+    reference_mean: float | None = None
+
+
+class DriftStatus(_Lenient):
+    """A model's live inputs against its bundle's reference statistics: ``collecting`` until the window
+    holds enough values, then ``ok``, ``warn`` or ``alarm``, with the worst channels (added in 0.1)."""
+
+    level: Literal["collecting", "ok", "warn", "alarm"]
+    window: int = 0
+    observed: int = 0
+    worst: list[DriftChannel] = Field(default_factory=list)
+
+
+class CaptureStatus(_Lenient):
+    """The device's capture ring buffer (``agent/capture.py``): what waits for ``fleet capture pull``, and
+    what a full buffer dropped (added in 0.1)."""
+
+    records: int = 0
+    bytes: int = 0
+    captured: int = 0
+    uploaded: int = 0
+    dropped: int = 0
+
+
 class ModelStatus(_Lenient):
     active: str | None = None
     previous: str | None = None
     serving: str | None = None
     highest_version: str | None = None
     bundle: str | None = None
+    drift: DriftStatus | None = None  # None: no reference statistics in the bundle, or drift off
 
 
 class TransferStatus(_Lenient):
@@ -378,6 +447,24 @@ class TransferStatus(_Lenient):
     bundle: str
     held_bytes: int
     total_bytes: int
+
+
+class DeviceHealth(_Lenient):
+    """What the device sees of its own health (``agent/health.py``; added in 0.1): ``ready`` is what its
+    ``/v2/health/ready`` answers, ``alarms`` the self-test and inference-error alarms; ``ok`` is both fine."""
+
+    ok: bool
+    ready: bool
+    unready: dict[str, str] = Field(default_factory=dict)  # model -> why it does not serve
+    alarms: list[str] = Field(default_factory=list)
+
+
+class TrustStatus(_Lenient):
+    """Which trust root a device holds: its version, when it expires, and whether it has."""
+
+    version: int
+    expires: str
+    expired: bool = False
 
 
 class DeviceState(_Lenient):
@@ -397,11 +484,133 @@ class DeviceState(_Lenient):
     agent_version: str | None = None
     dropped_events: int = 0
     notices: list[str] = Field(default_factory=list)  # what the device had to repair or cannot do (added in 0.1)
+    health: DeviceHealth | None = None  # None: an agent that does not report it
+    trust: TrustStatus | None = None  # the trust root the device holds (None: an agent before 0.2)
+    capture: CaptureStatus | None = None  # the capture ring buffer (None: capture off)
 
     @field_validator("groups")
     @classmethod
     def _sorted(cls, value: list[str]) -> list[str]:
         return sorted(value)
+
+
+# --- data capture upload (docs/capture.md) ---------------------------------------------------------
+
+MAX_CAPTURE_HAVE = 256
+
+
+class CaptureHave(_Strict):
+    """A record the operator holds part of: the chunk positions it has (the device sends the rest)."""
+
+    seq: int = Field(ge=1)
+    sha256: Sha256
+    chunks: list[int] = Field(default_factory=list, max_length=MAX_CHUNKS)
+
+
+class CaptureRecordRef(_Strict):
+    seq: int = Field(ge=1)
+    sha256: Sha256
+
+
+class CapturePull(_Strict):
+    """Operator → device: upload the captured records (oldest first), skipping the chunks in ``have``."""
+
+    kind: Literal["capture_pull"] = "capture_pull"
+    id: CommandId
+    device: DeviceId
+    issued_at: datetime
+    expires_at: datetime
+    have: list[CaptureHave] = Field(default_factory=list, max_length=MAX_CAPTURE_HAVE)
+
+
+class CaptureAck(_Strict):
+    """Operator → device: these records are stored on the operator's side; delete them."""
+
+    kind: Literal["capture_ack"] = "capture_ack"
+    id: CommandId
+    device: DeviceId
+    issued_at: datetime
+    records: list[CaptureRecordRef] = Field(min_length=1, max_length=1024)
+
+
+class CaptureConfig(_Strict):
+    """Operator → device, retained: capture ``model`` with ``settings`` (the fields of ``[capture.models.NAME]``
+    in ``agent.toml``), or stop (None). Honoured only where the device's own ``[capture] enabled`` is true and
+    its ``agent.toml`` does not set that model itself; ``seq`` only goes forward per model."""
+
+    kind: Literal["capture_config"] = "capture_config"
+    id: CommandId
+    device: DeviceId
+    issued_at: datetime
+    seq: int = Field(ge=1)
+    model: str = Field(min_length=1, max_length=128)
+    settings: dict[str, Any] | None = None
+
+
+CaptureControl = Annotated[Union[CapturePull, CaptureAck, CaptureConfig], Field(discriminator="kind")]
+
+
+class SignedCaptureControl(_Strict):
+    """What goes on ``capture/ctl``: a pull or an ack, signed like a command (the ``command`` role), since a
+    pull makes the device send data and an ack makes it delete some."""
+
+    v: Literal[1] = 1
+    message: CaptureControl
+    signatures: list[SignatureEntry] = Field(default_factory=list, max_length=16)
+
+    def signed_bytes(self) -> bytes:
+        return canonical_json(self.message.model_dump(mode="json"))
+
+    def trust_signatures(self) -> list[Signature]:
+        return [Signature.from_json(entry.model_dump()) for entry in self.signatures]
+
+
+class CaptureChunk(_Lenient):
+    """Device → operator: chunk ``position`` of ``count`` of record ``seq`` (``data`` base64)."""
+
+    v: Literal[1] = 1
+    kind: Literal["capture_chunk"] = "capture_chunk"
+    device: str
+    pull: str
+    seq: int
+    sha256: str
+    size: int
+    chunk_size: int
+    position: int
+    count: int
+    data: str
+
+
+class CaptureEnd(_Lenient):
+    """Device → operator: every record held was sent for this pull; ``held`` remain unacknowledged."""
+
+    v: Literal[1] = 1
+    kind: Literal["capture_end"] = "capture_end"
+    device: str
+    pull: str
+    held: int
+    dropped: int = 0
+
+
+_CAPTURE = TypeAdapter(Annotated[Union[CaptureChunk, CaptureEnd], Field(discriminator="kind")])
+
+
+def sign_capture_control(message: CapturePull | CaptureAck | CaptureConfig, keys: Iterable[SigningKey]) -> SignedCaptureControl:
+    data = canonical_json(message.model_dump(mode="json"))
+    signatures = [SignatureEntry(**sign("command", data, key).to_json()) for key in keys]
+    return SignedCaptureControl(message=message, signatures=signatures)
+
+
+def parse_capture_control(payload: bytes) -> SignedCaptureControl:
+    return _validate(SignedCaptureControl, _load(payload, "capture control", MAX_COMMAND_BYTES), "capture control")
+
+
+def parse_capture_message(payload: bytes) -> CaptureChunk | CaptureEnd:
+    raw = _load(payload, "capture message", MAX_EVENT_BYTES * 2)
+    try:
+        return _CAPTURE.validate_python(raw)
+    except ValidationError as exc:
+        raise MalformedMessageError(f"capture message does not match its schema: {validation_summary(exc)}") from exc
 
 
 # --- encoding and parsing ------------------------------------------------------------------------
@@ -472,6 +681,16 @@ def parse_event(payload: bytes) -> AcceptedEvent | ProgressEvent | NeedEvent | R
         raise MalformedMessageError(f"event does not match its schema: {validation_summary(exc)}") from exc
 
 
+def parse_trust_update(payload: bytes) -> TrustUpdate:
+    """Parse a ``trust`` message (or file); the roots in it are checked by ``TrustStore.update``."""
+    return _validate(TrustUpdate, _load(payload, "trust update", MAX_TRUST_BYTES), "trust update")
+
+
+def trust_update(roots: Sequence[bytes]) -> TrustUpdate:
+    """The ``trust`` message carrying ``roots`` (TUF root documents as bytes, oldest first)."""
+    return TrustUpdate(roots=[json.loads(r) for r in roots])
+
+
 def parse_state(payload: bytes) -> DeviceState:
     return _validate(DeviceState, _load(payload, "device state", MAX_EVENT_BYTES), "device state")
 
@@ -483,12 +702,18 @@ def sha256_hex(data: bytes) -> str:
 # --- making and checking commands ----------------------------------------------------------------
 
 
-def new_command_fields(to: CommandTarget, *, ttl: timedelta | None = DEFAULT_COMMAND_TTL) -> dict[str, Any]:
-    """Fresh id, sequence (issue time in µs) and times for a command to ``to``."""
+def new_command_fields(
+    to: CommandTarget, *, ttl: timedelta | None = DEFAULT_COMMAND_TTL, seq: int | None = None
+) -> dict[str, Any]:
+    """Fresh id, sequence and times for a command to ``to``.
+
+    ``seq`` comes from the fleet journal's counter (``Journal.next_command_seq``); without one (a test, a
+    one-off tool) it falls back to the issue time in µs.
+    """
     issued = utc_now()
     return {
         "id": uuid.uuid4().hex,
-        "seq": _next_seq(),
+        "seq": seq if seq is not None else _next_seq(),
         "issued_at": issued,
         "expires_at": issued + ttl if ttl is not None else None,
         "to": to,

@@ -20,15 +20,20 @@ from edgepack.protocol import (
 from edgepack.transfer import ChunkedBundle
 
 
-def command_fields(device: str, ttl: timedelta) -> dict[str, object]:
-    """Fresh id, ``seq`` and times for a command to one device (the only place the fleet makes them)."""
-    return new_command_fields(CommandTarget(device=device), ttl=ttl)
+def command_fields(device: str, ttl: timedelta, seq: int | None = None) -> dict[str, object]:
+    """Fresh id, ``seq`` and times for a command to one device (the only place the fleet makes them).
+
+    ``seq``: from the journal's counter (:meth:`Journal.next_command_seq`); None falls back to the clock.
+    """
+    return new_command_fields(CommandTarget(device=device), ttl=ttl, seq=seq)
 
 
-def install(chunked: ChunkedBundle, device: str, keys: list[SigningKey], ttl: timedelta) -> SignedCommand:
+def install(
+    chunked: ChunkedBundle, device: str, keys: list[SigningKey], ttl: timedelta, seq: int | None = None
+) -> SignedCommand:
     manifest = chunked.manifest
     command = InstallCommand(
-        **command_fields(device, ttl),  # type: ignore[arg-type]
+        **command_fields(device, ttl, seq),  # type: ignore[arg-type]
         action="install",
         model=manifest.name,
         version=manifest.version,
@@ -41,6 +46,6 @@ def install(chunked: ChunkedBundle, device: str, keys: list[SigningKey], ttl: ti
     return sign_command(command, keys)
 
 
-def rollback(model: str, device: str, keys: list[SigningKey], ttl: timedelta) -> SignedCommand:
-    command = RollbackCommand(**command_fields(device, ttl), action="rollback", model=model)  # type: ignore[arg-type]
+def rollback(model: str, device: str, keys: list[SigningKey], ttl: timedelta, seq: int | None = None) -> SignedCommand:
+    command = RollbackCommand(**command_fields(device, ttl, seq), action="rollback", model=model)  # type: ignore[arg-type]
     return sign_command(command, keys)

@@ -19,6 +19,13 @@ messages are served after the ``deploy`` has returned. (It has no commands to pu
 that never got its command needs the ``deploy`` again.)
 
 The fleet rollout (waves, gates) builds on :class:`Deployer`.
+
+**A clustered broker whose retained store is per node** (RabbitMQ's MQTT plugin: a retained message
+lives on the node that received it; ``docs/scaling.md``): give :class:`Deployer` the cluster's other
+nodes (``nodes``; ``--node URL`` on the CLI). It then keeps one connection per node and puts every
+retained message it writes — the bundle's index and chunks, commands, their clearing — on every node,
+and reads the devices' retained states from every node (keeping the newest by its ``at``); events and
+need answers are live messages, routed cluster-wide, so they use the first connection only.
 """
 
 from __future__ import annotations
@@ -30,7 +37,7 @@ import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -189,6 +196,7 @@ class Deployer:
         connect_timeout: float = 10.0,
         on_state: MessageHook | None = None,
         on_event: MessageHook | None = None,
+        nodes: Sequence[MqttOptions] = (),
     ) -> None:
         self.topics = topics
         self.on_state = on_state  # the fleet registry and the rollout engine listen here
@@ -196,6 +204,8 @@ class Deployer:
         self.connect_timeout = connect_timeout  # what ``with Deployer(...)`` waits for the broker
         self.observer = observer or DeployObserver()
         self.client = MqttClient(options, on_message=self._on_message, on_connect=self._on_connect)
+        # the other nodes of a cluster whose retained store is per node: retained writes and state reads
+        self.mirrors = [MqttClient(o, on_message=lambda m: self._on_message(m, mirror=True)) for o in nodes]
         self.states: dict[str, DeviceState] = {}
         self.state_extras: dict[str, dict[str, Any]] = {}  # fields of a state this operator's schema lacks
         self._lock = threading.Lock()
@@ -205,7 +215,13 @@ class Deployer:
         self._following: dict[str, dict[str, DeviceProgress]] = {}  # command id -> device -> progress
         self._needs: queue.Queue[NeedEvent | None] = queue.Queue()
         self._recent: dict[tuple[str, int], tuple[float, float]] = {}  # (bundle, position) -> (when, quiet for)
+        # bundles published on this connection since it was last (re)established: the broker holds them
+        self._held: set[str] = set()
+        self._doubted: dict[tuple[str, int], set[str]] = {}  # (bundle, position or -1) -> devices asked once
         self._answerer: threading.Thread | None = None
+        self.needs_received = 0  # need events from devices, for a bundle this operator has
+        self.republished = 0  # chunks (and indexes) published again in answer to needs
+        self.republished_bytes = 0
         self._sync_topic = topics.operator_sync(options.client_id)
         self._synced: set[str] = set()
 
@@ -219,6 +235,9 @@ class Deployer:
     def connect(self, timeout: float = 10.0) -> None:
         self.client.subscribe([self.topics.all_states, self.topics.all_events, self._sync_topic])
         self.client.connect(timeout)
+        for mirror in self.mirrors:
+            mirror.subscribe([self.topics.all_states, self.topics.operator_sync(mirror.options.client_id)])
+            mirror.connect(timeout)
         self._answerer = threading.Thread(target=self._answer_needs, name="edgepack-deploy-needs", daemon=True)
         self._answerer.start()
 
@@ -226,7 +245,22 @@ class Deployer:
         self._needs.put(None)
         if self._answerer is not None:
             self._answerer.join(5)
+        for mirror in self.mirrors:
+            mirror.stop()
         self.client.stop()
+
+    @property
+    def clients(self) -> list[MqttClient]:
+        """Every connection: the first one, then one per other node of a cluster."""
+        return [self.client, *self.mirrors]
+
+    def publish_retained(self, topic: str, payload: bytes, **kwargs: Any) -> list[Any]:
+        """Publish a retained message on every node (one node's retained store may not be another's)."""
+        return [c.publish(topic, payload, retain=True, **kwargs) for c in self.clients]
+
+    def wait_all(self, infos: Iterable[Any], timeout: float) -> None:
+        """Wait for the acknowledgement of publishes made on any of the connections."""
+        self.client.wait_published(list(infos), timeout)
 
     # --- publishing ------------------------------------------------------------------------------
 
@@ -234,22 +268,24 @@ class Deployer:
         """Publish the index and every distinct chunk, retained; returns the seconds until all were acknowledged."""
         self._bundles[chunked.bundle] = chunked
         started = time.monotonic()
-        window: deque[Any] = deque()
-        window.append(
-            self.client.publish(
-                self.topics.index(chunked.bundle),
-                chunked.index_bytes,
-                retain=True,
-                expiry_s=expiry_s,
-                content_type=JSON,
+        for client in self.clients:  # each node of a cluster with per-node retained messages holds a copy
+            window: deque[Any] = deque()
+            window.append(
+                client.publish(
+                    self.topics.index(chunked.bundle),
+                    chunked.index_bytes,
+                    retain=True,
+                    expiry_s=expiry_s,
+                    content_type=JSON,
+                )
             )
-        )
-        for _position, ref, data in chunked.iter_chunks():
-            window.append(self.client.publish(self.topics.chunk(ref.sha256), data, retain=True, expiry_s=expiry_s))
-            if len(window) >= PUBLISH_WINDOW:
-                self.client.wait_published([window.popleft()], timeout)
-        self.client.wait_published(window, timeout)
+            for _position, ref, data in chunked.iter_chunks():
+                window.append(client.publish(self.topics.chunk(ref.sha256), data, retain=True, expiry_s=expiry_s))
+                if len(window) >= PUBLISH_WINDOW:
+                    client.wait_published([window.popleft()], timeout)
+            client.wait_published(window, timeout)
         seconds = time.monotonic() - started
+        self._held.add(chunked.bundle)
         log.info("published bundle %s… (%d bytes) in %.2f s", chunked.bundle[:12], chunked.index.size, seconds)
         self.observer.uploaded(chunked, seconds)
         return seconds
@@ -275,7 +311,7 @@ class Deployer:
         with self._lock:
             self._commands.pop(command_id, None)
             self._following.pop(command_id, None)
-        return self.client.publish(topic, b"", retain=True)
+        return self.publish_retained(topic, b"")[0]
 
     def clear_bundle(self, chunked: ChunkedBundle, *, keep: Iterable[ChunkedBundle] = (), timeout: float = 60.0) -> int:
         """Remove the bundle's retained index and chunks from the broker, except chunks a bundle in ``keep``
@@ -284,7 +320,7 @@ class Deployer:
         kept = {ref.sha256 for other in keep for ref in other.index.chunks}
         topics = [self.topics.index(chunked.bundle)]
         topics += sorted({self.topics.chunk(ref.sha256) for ref in chunked.index.chunks if ref.sha256 not in kept})
-        self.client.wait_published([self.client.publish(topic, b"", retain=True) for topic in topics], timeout)
+        self.wait_all([info for topic in topics for info in self.publish_retained(topic, b"")], timeout)
         log.info("cleared bundle %s… from the broker (%d retained messages)", chunked.bundle[:12], len(topics))
         return len(topics)
 
@@ -296,10 +332,13 @@ class Deployer:
         The broker sends a subscription's retained messages before a message published after it, so a
         marker sent to ourselves arrives after them.
         """
-        marker = uuid.uuid4().hex
-        self.client.publish(self._sync_topic, marker.encode())
+        markers = []
+        for client in self.clients:
+            marker = uuid.uuid4().hex
+            markers.append(marker)
+            client.publish(self.topics.operator_sync(client.options.client_id), marker.encode())
         with self._changed:
-            if not self._changed.wait_for(lambda: marker in self._synced, timeout):
+            if not self._changed.wait_for(lambda: all(m in self._synced for m in markers), timeout):
                 log.warning(
                     "the broker did not return a sync marker within %g s; device states may be missing", timeout
                 )
@@ -378,15 +417,17 @@ class Deployer:
         if self.client.connects <= 1:
             return
         self._recent.clear()  # the broker may have restarted without its retained store: answer needs at once
+        self._held.clear()
+        self._doubted.clear()
         with self._lock:
             commands = list(self._commands.values())
         for signed in commands:  # a broker that restarted without persistence has lost them
             self._publish_command(signed, None)
 
-    def _on_message(self, message: Received) -> None:
+    def _on_message(self, message: Received, mirror: bool = False) -> None:
         match = self.topics.parse(message.topic)
-        if match is None:
-            return
+        if match is None or (mirror and match.kind not in ("state", "sync")):
+            return  # from another node only retained states matter: live messages reach the first one
         if not message.payload:
             if match.kind == "state":  # a cleared retained state: the device was forgotten
                 with self._lock:
@@ -407,6 +448,9 @@ class Deployer:
                     return
                 extras = _state_extras(message.payload)
                 with self._lock:
+                    known = self.states.get(state.device)
+                    if (mirror or message.retained) and known is not None and known.at > state.at:
+                        return  # an older copy (another node's retained one) of a state already had
                     self.states[state.device] = state
                     self.state_extras[state.device] = extras
                     for following in self._following.values():
@@ -428,6 +472,7 @@ class Deployer:
     def _on_event(self, event: Any) -> None:
         if isinstance(event, NeedEvent):
             if event.bundle in self._bundles:
+                self.needs_received += 1
                 self._needs.put(event)
             else:
                 log.debug(
@@ -472,7 +517,9 @@ class Deployer:
         topic = self.topics.device_command(to.device) if to.device else self.topics.group_command(to.group or "")
         if expiry_s is None and signed.command.expires_at is not None:
             expiry_s = max(1, int((signed.command.expires_at - signed.command.issued_at).total_seconds()))
-        return self.client.publish(topic, encode(signed), retain=True, expiry_s=expiry_s, content_type=JSON)
+        # on every node, so that a device (re)connecting to any node finds it retained; a device that is
+        # connected gets it once per node and ignores the copies (a pending command id is not run twice)
+        return self.publish_retained(topic, encode(signed), expiry_s=expiry_s, content_type=JSON)[0]
 
     def _answer_needs(self) -> None:
         while (need := self._needs.get()) is not None:
@@ -481,15 +528,35 @@ class Deployer:
             except (EdgepackError, OSError) as exc:  # e.g. the bundle file changed: say so, keep answering
                 log.error("cannot answer device %s's need for bundle %s…: %s", need.device, need.bundle[:12], exc)
 
+    def _held_doubt(self, need: NeedEvent, position: int) -> bool:
+        """True to let this need pass unanswered: the broker holds the piece, and this is the device's
+        first request for it. The bundle was published, retained, on this connection, which has not been
+        interrupted since (so the broker was not restarted), and the device subscribes again before it
+        asks: a first need from it means a broker that is slow, not one that lost the piece. Its second
+        request for the same piece is answered (a node of a cluster that the operator does not write to
+        holds nothing: ``--node``)."""
+        if need.bundle not in self._held:
+            return False
+        asked = self._doubted.setdefault((need.bundle, position), set())
+        if need.device in asked:
+            asked.discard(need.device)
+            return False
+        asked.add(need.device)
+        return True
+
     def _answer(self, need: NeedEvent) -> None:
         chunked = self._bundles[need.bundle]
         now = time.monotonic()
-        if need.index:
+        if need.index and not self._held_doubt(need, -1):
             self.client.publish(self.topics.index(chunked.bundle), chunked.index_bytes, retain=True, content_type=JSON)
+            self.republished += 1
+            self.republished_bytes += len(chunked.index_bytes)
         answered = 0
         for position in need.chunks:
             if not 0 <= position < len(chunked.index.chunks):
                 continue
+            if self._held_doubt(need, position):
+                continue  # the broker holds it (published on this connection): the device is asked to wait
             key = (chunked.bundle, position)
             last, quiet = self._recent.get(key, (-1e9, NEED_COALESCE_S / 2))
             if now - last < quiet:
@@ -500,8 +567,11 @@ class Deployer:
             # for a 1,000-device rollout on a loaded host). 2 s, 4 s, 8 s … up to 60 s between copies.
             self._recent[key] = (now, min(quiet * 2, NEED_BACKOFF_MAX_S))
             ref = chunked.index.chunks[position]
-            self.client.publish(self.topics.chunk(ref.sha256), chunked.chunk(position), retain=True)
+            data = chunked.chunk(position)
+            self.client.publish(self.topics.chunk(ref.sha256), data, retain=True)
             answered += 1
+            self.republished += 1
+            self.republished_bytes += len(data)
         log.info(
             "device %s needs %s%d chunk(s) of %s…; published %d again",
             need.device,
@@ -538,8 +608,12 @@ def deploy(
     observer: DeployObserver | None = None,
     connect_timeout: float = 10.0,
     offline_grace: float | None = DEFAULT_OFFLINE_GRACE_S,
+    seq: int | None = None,
 ) -> DeployReport:
     """Publish ``bundle`` and an install command to ``device`` or ``group``; with ``wait``, follow it.
+
+    ``seq``: the command's sequence number from the fleet journal's counter (``Journal.next_command_seq``);
+    None falls back to the issue time.
 
     Waiting on a group, members that are offline (or whose state was cleared) for ``offline_grace``
     seconds end as ``offline`` instead of holding the wait until ``timeout`` (None: wait for them)."""
@@ -553,7 +627,7 @@ def deploy(
     chunked = chunk_bundle(bundle, chunk_size)
     manifest = chunked.manifest
     command = InstallCommand(
-        **new_command_fields(to, ttl=ttl),
+        **new_command_fields(to, ttl=ttl, seq=seq),
         action="install",
         model=manifest.name,
         version=manifest.version,

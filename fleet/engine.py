@@ -40,7 +40,7 @@ from edgepack.fleet import commands
 from edgepack.fleet.deploy import Deployer
 from edgepack.fleet.journal import IN_FLIGHT, Execution, Journal, Rollout
 from edgepack.fleet.plan import RolloutPlan
-from edgepack.fleet.registry import health_problem
+from edgepack.fleet.registry import health_problem, state_health
 from edgepack.fleet.selectors import Selector
 from edgepack.keys import SigningKey
 from edgepack.mqtt import MqttOptions
@@ -104,12 +104,14 @@ class RolloutEngine:
         connect_timeout: float = 10.0,
         tick_s: float = 0.25,
         stop: Callable[[], bool] | None = None,
+        nodes: list[MqttOptions] | None = None,
     ) -> None:
         if not keys:
             raise FleetError("a rollout needs a key with the trust store's 'command' role (--key KEY)")
         self.journal = journal
         self.rollout_id = rollout_id
         self.options = options
+        self.nodes = list(nodes or [])  # a cluster's other nodes (fleet/deploy.py: per-node retained stores)
         self.keys = keys
         self.observer = observer or RolloutObserver()
         self.connect_timeout = connect_timeout
@@ -132,6 +134,8 @@ class RolloutEngine:
             rollout = self.journal.rollout(self.rollout_id)
             if rollout.status in ("completed", "aborted", "canceled"):
                 return rollout
+            if rollout.kind != "rollout":
+                raise FleetError(f"{rollout.id} is a manual {rollout.kind}, not a rollout (fleet/rollback.py runs it)")
             self.plan = RolloutPlan.from_json(rollout.plan)
             self.ttl = timedelta(seconds=self.plan.ttl_s)
             self.selector = Selector.parse(rollout.selector)
@@ -142,7 +146,7 @@ class RolloutEngine:
             deployer = Deployer(
                 self.options, topics, connect_timeout=self.connect_timeout,
                 on_state=lambda d, s: self._inbox.put(("state", d, s)),
-                on_event=lambda d, e: self._inbox.put(("event", d, e)),
+                on_event=lambda d, e: self._inbox.put(("event", d, e)), nodes=self.nodes,
             )  # fmt: skip
             with deployer:
                 self.deployer = deployer
@@ -293,7 +297,7 @@ class RolloutEngine:
             model = state.models.get(self.rollout.model)
             self._set(e, "failed", code="soak", reason=f"soak: the device went to {model.active if model else None}")
         elif e.state == "soaking":
-            problem = health_problem(self.deployer.state_extras.get(device, {}).get("health"))
+            problem = health_problem(self._health(device))
             if problem:
                 self._set(e, "failed", code="soak", reason=f"soak: {problem}")
 
@@ -366,13 +370,17 @@ class RolloutEngine:
                 self._set(e, "failed", code="timeout", reason=f"rollback: no result within {timeout:g} s")
             elif e.state == "soaking" and e.committed_at and now - e.committed_at >= self.plan.soak_s:
                 state = self.deployer.states.get(e.device)
-                problem = health_problem(self.deployer.state_extras.get(e.device, {}).get("health"))
+                health = self._health(e.device)
+                problem = health_problem(health)
                 if state is None or not state.online:
                     self._set(e, "failed", code="soak", reason="soak: the device was offline at the end of the soak")
                 elif not self._runs_ours(state):
                     self._set(e, "failed", code="soak", reason="soak: the device no longer runs the bundle")
                 elif problem:
                     self._set(e, "failed", code="soak", reason=f"soak: {problem}")
+                elif health is None:  # an agent that reports no health: judged on online and active only
+                    self._set(e, "succeeded", reason=f"online on the bundle for the {self.plan.soak_s:g} s soak "
+                              "(the device reports no health)")  # fmt: skip
                 else:
                     self._set(e, "succeeded", reason=f"healthy for the {self.plan.soak_s:g} s soak")
 
@@ -435,7 +443,7 @@ class RolloutEngine:
             self._notify(e, 0)
 
     def _notify(self, e: Execution, wave: int | None) -> None:
-        signed = commands.install(self.chunked, e.device, self.keys, self.ttl)
+        signed = commands.install(self.chunked, e.device, self.keys, self.ttl, self.journal.next_command_seq(self.db))
         state = self.deployer.states.get(e.device)
         model = state.models.get(self.rollout.model) if state else None
         previous = e.previous_version if e.attempts else (model.active if model else None)
@@ -467,7 +475,9 @@ class RolloutEngine:
                         self._set(e, e.state, reason="no previous version to roll back to; left on the new one")
                         e.rollback_id = "-"
                         continue
-                    signed = commands.rollback(self.rollout.model, e.device, self.keys, self.ttl)
+                    signed = commands.rollback(
+                        self.rollout.model, e.device, self.keys, self.ttl, self.journal.next_command_seq(self.db)
+                    )
                     self._set(
                         e, "rolling_back", reason=f"rolling back to {e.previous_version}",
                         rollback_id=signed.command.id, rollback=signed.model_dump_json(), notified_at=time.time(),
@@ -534,6 +544,9 @@ class RolloutEngine:
                     e.notified_at = max(e.notified_at, time.time() - self.plan.device_timeout_s / 2)
 
     # --- reading ---------------------------------------------------------------------------------
+
+    def _health(self, device: str) -> Any:
+        return state_health(self.deployer.states.get(device), self.deployer.state_extras.get(device, {}).get("health"))
 
     def _online(self, device: str) -> bool:
         state = self.deployer.states.get(device)

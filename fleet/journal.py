@@ -10,6 +10,11 @@ One file (stdlib ``sqlite3``, WAL, ``synchronous=FULL``) holds:
   ``rolled_back``), the device's code and reason, the attempt, and **the exact signed command** sent to it;
 - ``history``: every transition, for ``status`` and for the audit.
 
+A manual ``edgepack fleet rollback`` is journaled the same way: a ``rollouts`` row of ``kind`` ``rollback``
+(no bundle; ``version`` is its ``--to``, or empty) and per device an execution that is ``rolling_back``
+with its signed rollback command stored before it is published, then ``rolled_back``, ``failed``,
+``timed_out``, or ``canceled`` with code ``skipped``/``refused`` and the reason.
+
 The engine writes a transition (and the signed command it is about to publish) and commits *before* it
 publishes anything, so an operator SIGKILLed at any instant finds on restart either a device not yet sent
 anything (it is sent its command) or a device with a stored command (the same command, same id, is
@@ -48,13 +53,14 @@ CREATE TABLE IF NOT EXISTS rollouts (
     id TEXT PRIMARY KEY, created_at REAL NOT NULL, updated_at REAL NOT NULL, status TEXT NOT NULL,
     reason TEXT, request TEXT, selector TEXT NOT NULL, bundle_path TEXT NOT NULL, bundle TEXT NOT NULL,
     model TEXT NOT NULL, version TEXT NOT NULL, prefix TEXT NOT NULL, plan TEXT NOT NULL,
-    wave INTEGER NOT NULL DEFAULT 0, published INTEGER NOT NULL DEFAULT 0, operator TEXT
+    wave INTEGER NOT NULL DEFAULT 0, published INTEGER NOT NULL DEFAULT 0, operator TEXT,
+    kind TEXT NOT NULL DEFAULT 'rollout'
 );
 CREATE TABLE IF NOT EXISTS executions (
     rollout TEXT NOT NULL, device TEXT NOT NULL, joined INTEGER NOT NULL, wave INTEGER,
     state TEXT NOT NULL, code TEXT, reason TEXT, attempts INTEGER NOT NULL DEFAULT 0,
     command_id TEXT, command TEXT, previous_version TEXT, notified_at REAL, committed_at REAL,
-    rollback_id TEXT, rollback TEXT, updated_at REAL NOT NULL,
+    rollback_id TEXT, rollback TEXT, updated_at REAL NOT NULL, target TEXT,
     PRIMARY KEY (rollout, device)
 );
 CREATE INDEX IF NOT EXISTS executions_command ON executions (command_id);
@@ -62,6 +68,7 @@ CREATE TABLE IF NOT EXISTS history (
     id INTEGER PRIMARY KEY AUTOINCREMENT, rollout TEXT NOT NULL, device TEXT, at REAL NOT NULL,
     state TEXT NOT NULL, code TEXT, reason TEXT, command_id TEXT
 );
+CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
 """
 
 
@@ -94,6 +101,7 @@ class Execution:
     rollback_id: str | None
     rollback: str | None
     updated_at: float
+    target: str | None = None  # a manual rollback's version to go back to
 
     def to_json(self) -> dict[str, Any]:
         return {k: v for k, v in vars(self).items() if k not in ("command", "rollback")}
@@ -117,6 +125,7 @@ class Rollout:
     wave: int
     published: int
     operator: str | None
+    kind: str = "rollout"  # or "rollback": an ``edgepack fleet rollback`` (fleet/rollback.py)
 
     def to_json(self) -> dict[str, Any]:
         return dict(vars(self))
@@ -133,6 +142,11 @@ class Journal:
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=FULL")
         self.db.executescript(_SCHEMA)
+        columns = {row["name"] for row in self.db.execute("PRAGMA table_info(rollouts)")}
+        if "kind" not in columns:  # a journal written before manual rollbacks were journaled
+            self.db.execute("ALTER TABLE rollouts ADD COLUMN kind TEXT NOT NULL DEFAULT 'rollout'")
+        if "target" not in {row["name"] for row in self.db.execute("PRAGMA table_info(executions)")}:
+            self.db.execute("ALTER TABLE executions ADD COLUMN target TEXT")
         self._lock_file: Any = None
 
     def close(self) -> None:
@@ -198,21 +212,22 @@ class Journal:
 
     def create_rollout(
         self, *, selector: str, bundle_path: str, bundle: str, model: str, version: str, prefix: str,
-        plan: dict[str, Any], rollout_id: str | None = None,
+        plan: dict[str, Any], rollout_id: str | None = None, kind: str = "rollout", reason: str | None = None,
     ) -> str:  # fmt: skip
-        rollout_id = rollout_id or f"r-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+        letter = "b" if kind == "rollback" else "r"
+        rollout_id = rollout_id or f"{letter}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
         now = time.time()
         with self.transaction() as db:
             if db.execute("SELECT 1 FROM rollouts WHERE id = ?", (rollout_id,)).fetchone():
                 raise FleetError(f"rollout {rollout_id} already exists in {self.path}; resume it or pick another id")
             db.execute(
                 "INSERT INTO rollouts (id, created_at, updated_at, status, selector, bundle_path, bundle, model,"
-                " version, prefix, plan) VALUES (?, ?, ?, 'running', ?, ?, ?, ?, ?, ?, ?)",
-                (rollout_id, now, now, selector, bundle_path, bundle, model, version, prefix, json.dumps(plan)),
+                " version, prefix, plan, kind) VALUES (?, ?, ?, 'running', ?, ?, ?, ?, ?, ?, ?, ?)",
+                (rollout_id, now, now, selector, bundle_path, bundle, model, version, prefix, json.dumps(plan), kind),
             )
             db.execute(
                 "INSERT INTO history (rollout, at, state, reason) VALUES (?, ?, 'running', ?)",
-                (rollout_id, now, f"rollout of {model} {version} to {selector}"),
+                (rollout_id, now, reason or f"rollout of {model} {version} to {selector}"),
             )
         return rollout_id
 
@@ -237,7 +252,8 @@ class Journal:
             self.set_rollout(db, rollout_id, request=action)
         return self.rollout(rollout_id)
 
-    def add_device(self, db: sqlite3.Connection, rollout_id: str, device: str, joined: int) -> None:
+    def add_device(self, db: sqlite3.Connection, rollout_id: str, device: str, joined: int) -> Execution:
+        """Within a transaction: ``device`` joins the rollout ``queued``; returns its execution."""
         now = time.time()
         db.execute(
             "INSERT OR IGNORE INTO executions (rollout, device, joined, state, updated_at) VALUES (?, ?, ?, 'queued', ?)",
@@ -246,6 +262,8 @@ class Journal:
         db.execute(
             "INSERT INTO history (rollout, device, at, state) VALUES (?, ?, ?, 'queued')", (rollout_id, device, now)
         )
+        row = db.execute("SELECT * FROM executions WHERE rollout = ? AND device = ?", (rollout_id, device)).fetchone()
+        return Execution(**dict(row))
 
     def set_execution(self, db: sqlite3.Connection, execution: Execution, **fields: Any) -> None:
         """Within a transaction: change a device's execution (a state change goes to the history)."""
@@ -264,6 +282,27 @@ class Journal:
                 (execution.rollout, execution.device, now, execution.state, execution.code, execution.reason,
                  execution.rollback_id if execution.state in ("rolling_back", "rolled_back") else execution.command_id),
             )  # fmt: skip
+
+    def next_command_seq(self, db: sqlite3.Connection | None = None) -> int:
+        """The ``seq`` of the next command: one more than the last this journal gave (docs/protocol.md).
+
+        Operators that share this journal share the counter, so their commands are ordered by it and never
+        by anyone's clock. Within ``db``'s transaction when given (the engine's, so the number is committed
+        with the command that carries it), else in a transaction of its own. The first number is the
+        clock in µs once, when the counter is made, so it is above every seq of an edgepack that used the
+        issue time; from then on the clock is never read again.
+        """
+        if db is None:
+            with self.transaction() as own:
+                return self.next_command_seq(own)
+        row = db.execute("SELECT value FROM counters WHERE name = 'command_seq'").fetchone()
+        value = int(row["value"]) + 1 if row is not None else time.time_ns() // 1000
+        db.execute(
+            "INSERT INTO counters (name, value) VALUES ('command_seq', ?) "
+            "ON CONFLICT(name) DO UPDATE SET value = excluded.value",
+            (value,),
+        )
+        return value
 
     # --- reading ---------------------------------------------------------------------------------
 

@@ -67,6 +67,7 @@ class SimSpec:
     offline_s: float = 3.0
     slow_rate: int = 256 * 1024
     stall_s: float = 2.0
+    state_interval_s: float = 0.0  # a state heartbeat (brokers without retained wildcard delivery: RabbitMQ)
 
     def device_id(self, index: int) -> str:
         return f"{self.id_prefix}-{index:04d}"
@@ -100,7 +101,8 @@ class SimSpec:
         args = ["--broker", self.broker, "--trust", str(self.trust), "--root", str(self.root),
                 "--devices", str(self.devices), "--prefix", self.prefix, "--processes", str(self.processes),
                 "--id-prefix", self.id_prefix, "--protocol", self.protocol, "--offline-s", str(self.offline_s),
-                "--slow-rate", str(self.slow_rate), "--stall-s", str(self.stall_s)]  # fmt: skip
+                "--slow-rate", str(self.slow_rate), "--stall-s", str(self.stall_s),
+                "--state-interval-s", str(self.state_interval_s)]  # fmt: skip
         for fault, share in self.faults.items():
             args += ["--fault", f"{fault}={share * 100:g}%"]
         for key, value in self.labels.items():
@@ -166,6 +168,7 @@ class _Device:
         self.options = LinkOptions(
             stall_s=spec.stall_s, need_max_s=max(spec.stall_s, 10.0), progress_interval_s=1.0, reconnect_min_s=1,
             reconnect_max_s=5, max_rate=spec.slow_rate if fault in ("slow", "offline", "vanish") else None,
+            state_interval_s=spec.state_interval_s,
         )  # fmt: skip
         self.link = self._new_link()
         self.dropped = False
@@ -332,7 +335,7 @@ def _spec(args: argparse.Namespace) -> SimSpec:
     return SimSpec(broker=args.broker, trust=Path(args.trust), root=Path(args.root), devices=args.devices,
                    prefix=args.prefix, processes=args.processes, faults=faults, labels=labels,
                    id_prefix=args.id_prefix, protocol=args.protocol, offline_s=args.offline_s,
-                   slow_rate=args.slow_rate, stall_s=args.stall_s)  # fmt: skip
+                   slow_rate=args.slow_rate, stall_s=args.stall_s, state_interval_s=args.state_interval_s)  # fmt: skip
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -361,6 +364,7 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--offline-s", type=float, default=3.0)
         p.add_argument("--slow-rate", type=int, default=256 * 1024)
         p.add_argument("--stall-s", type=float, default=2.0)
+        p.add_argument("--state-interval-s", type=float, default=0.0)
     return parser
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +27,13 @@ class KeyRing:
 
     def public(self, name: str) -> Path:
         return self.directory / f"{name}.pub"
+
+
+@pytest.fixture(autouse=True)
+def _fleet_journal_in_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Operator commands draw their ``seq`` from the fleet journal: keep each test's in its tmp_path."""
+    if "EDGEPACK_FLEET_JOURNAL" not in os.environ:
+        monkeypatch.setenv("EDGEPACK_FLEET_JOURNAL", str(tmp_path / "fleet.sqlite"))
 
 
 @pytest.fixture

@@ -8,7 +8,10 @@ extension. The parts, each with one job (after MLServer's split):
 - :mod:`.validation` — a request checked against a model's signature;
 - :mod:`.dataplane` — what each endpoint does, over a repository (no HTTP);
 - :mod:`.app` — the ASGI transport: routes, body cap, bearer token, thread pool, error statuses;
-- :mod:`.metrics` — Prometheus metrics; :mod:`.server` — uvicorn, blocking or in a thread.
+- :mod:`.metrics` — Prometheus metrics; :mod:`.server` — uvicorn, blocking or in a thread;
+- :mod:`.grpc_server`, :mod:`.grpc_codec`, :mod:`.grpc_proto` — the same API over KServe v2 gRPC
+  (``grpc_port``), on the same dataplane, load bound, metrics and token;
+- :mod:`.batching` — dynamic batching of a model's requests.
 
 Usage::
 

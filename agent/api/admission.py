@@ -13,8 +13,8 @@ and answered 503 with ``Retry-After`` at once when either bound is reached:
   nothing else is queued, so one body up to the body cap can always get through. The default is derived
   from the body cap and the device's memory (:func:`default_max_bytes`).
 
-Everything runs on the event loop (admission, growth and release are plain integer updates there), so
-there are no locks. The counts are mirrored in the metrics' ``in_flight``/``queued_bytes`` gauges and every
+Admission, growth and release are integer updates under one lock: the HTTP transport calls them on its
+event loop and the gRPC transport (``grpc_server.py``) on its own, and both share one bound. The counts are mirrored in the metrics' ``in_flight``/``queued_bytes`` gauges and every
 refusal is counted in ``overloaded{limit}``.
 
 Usage (what the transport does per inference request)::
@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 
 from edgepack.agent.api.metrics import ApiMetrics
 from edgepack.errors import ServerOverloadedError
@@ -96,9 +97,14 @@ class Admission:
         self.in_flight = 0
         self.queued_bytes = 0
         self._metrics = metrics
+        self._lock = threading.Lock()
 
     def admit(self, declared_bytes: int) -> Ticket:
         """Admit a request whose body declares ``declared_bytes`` (0 when unknown)."""
+        with self._lock:
+            return self._admit(declared_bytes)
+
+    def _admit(self, declared_bytes: int) -> Ticket:
         if self.in_flight >= self.max_requests:
             self._refuse(
                 "concurrency",
@@ -112,15 +118,20 @@ class Admission:
         return Ticket(self, declared_bytes)
 
     def _grow(self, ticket: Ticket, more: int) -> None:
+        with self._lock:
+            self._grow_locked(ticket, more)
+
+    def _grow_locked(self, ticket: Ticket, more: int) -> None:
         self._check_bytes(more, own=ticket.reserved)
         ticket.reserved += more
         self.queued_bytes += more
         self._publish()
 
     def _release(self, ticket: Ticket) -> None:
-        self.in_flight -= 1
-        self.queued_bytes -= ticket.reserved
-        self._publish()
+        with self._lock:
+            self.in_flight -= 1
+            self.queued_bytes -= ticket.reserved
+            self._publish()
 
     def _check_bytes(self, more: int, own: int = 0) -> None:
         others = self.queued_bytes - own  # a request alone is always let through (the body cap still holds)

@@ -50,7 +50,7 @@ from edgepack.errors import (
     UnauthorizedError,
 )
 
-__all__ = ["DEFAULT_MAX_BODY_BYTES", "InferenceApp", "default_workers"]
+__all__ = ["DEFAULT_MAX_BODY_BYTES", "InferenceApp", "check_bearer", "default_workers", "status_of"]
 
 log = logging.getLogger(__name__)
 
@@ -87,8 +87,8 @@ class _ClientGone(Exception):
 _Response = tuple[int, bytes, bytes, list[tuple[bytes, bytes]]]  # status, body, content type, headers
 
 
-def _status_of(exc: Exception) -> tuple[int, str]:
-    """The HTTP status and the metrics outcome for an exception."""
+def status_of(exc: Exception) -> tuple[int, str]:
+    """The HTTP status and the metrics outcome for an exception (the gRPC transport maps the status on)."""
     if isinstance(exc, (BadRequestError, InferenceInputError)):
         return 400, "bad_request"
     if isinstance(exc, ModelNotFoundError):
@@ -132,6 +132,7 @@ class InferenceApp:
         self._token = token.encode() if token else None
         self._max_body = max_body_bytes
         workers = workers or default_workers()
+        self.workers = workers  # inference threads (the gRPC transport runs as many inferences at once)
         self.admission = Admission(
             max_concurrent_requests or default_max_requests(workers),
             max_queued_bytes or default_max_bytes(max_body_bytes),
@@ -166,7 +167,7 @@ class InferenceApp:
         except _ClientGone:
             return
         except Exception as exc:  # the one place that answers every failure, so none takes the server down
-            status, _ = _status_of(exc)
+            status, _ = status_of(exc)
             if status == 500:
                 log.exception("%s %s failed", scope.get("method"), scope.get("path"))
                 message = f"internal error: {type(exc).__name__}: {exc}"
@@ -256,14 +257,8 @@ class InferenceApp:
         return (503, _json_bytes(doc), _JSON, [])
 
     def _authorize(self, scope: Scope) -> None:
-        if self._token is None:
-            return
-        value = _header(scope, b"authorization")
-        if value is None:
-            raise UnauthorizedError("this API needs a bearer token: send 'Authorization: Bearer <token>'")
-        scheme, _, given = value.partition(b" ")
-        if scheme.lower() != b"bearer" or not hmac.compare_digest(given.strip(), self._token):
-            raise UnauthorizedError("the bearer token is wrong")
+        if self._token is not None:
+            check_bearer(_header(scope, b"authorization"), self._token, "'Authorization: Bearer <token>'")
 
     # --- inference -------------------------------------------------------------------------------
 
@@ -280,8 +275,8 @@ class InferenceApp:
         except _ClientGone:
             raise
         except Exception as exc:
-            status, outcome = _status_of(exc)
-            if isinstance(exc, ModelNotFoundError) or (outcome == "overloaded" and not self._known(name)):
+            status, outcome = status_of(exc)
+            if isinstance(exc, ModelNotFoundError) or (outcome == "overloaded" and not self.dataplane.knows(name)):
                 label = UNKNOWN_MODEL  # never let clients mint label values
             self.metrics.requests.labels(label, outcome).inc()
             if status >= 500 and outcome != "overloaded":
@@ -296,13 +291,6 @@ class InferenceApp:
             return (200, encoded.body, _JSON, [])
         header = (b"inference-header-content-length", str(encoded.header_length).encode())
         return (200, encoded.body, _OCTETS, [header])
-
-    def _known(self, name: str) -> bool:
-        try:
-            self.dataplane.model_ready(name)
-        except ModelNotFoundError:
-            return False
-        return True
 
     @staticmethod
     def _declared_size(scope: Scope, cap: int) -> int:
@@ -345,6 +333,16 @@ class InferenceApp:
         if ticket is not None:
             ticket.grow(len(data))
         return data
+
+
+def check_bearer(value: bytes | None, token: bytes, how: str) -> None:
+    """UnauthorizedError unless ``value`` (an Authorization value) is ``Bearer <token>`` (constant-time);
+    ``how`` says how to send it, for the message. Both transports (HTTP, gRPC) check the token here."""
+    if value is None:
+        raise UnauthorizedError(f"this API needs a bearer token: send {how}")
+    scheme, _, given = value.partition(b" ")
+    if scheme.lower() != b"bearer" or not hmac.compare_digest(given.strip(), token):
+        raise UnauthorizedError("the bearer token is wrong")
 
 
 def _allow(method: str, allowed: str) -> None:

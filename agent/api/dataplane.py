@@ -12,12 +12,20 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
+
 import edgepack
-from edgepack.agent.api.codec import EncodedResponse, decode_inputs, encode_response, parse_request
+from edgepack.agent.api.codec import (
+    EncodedResponse,
+    InferenceRequest,
+    decode_inputs,
+    encode_response,
+    parse_request,
+)
 from edgepack.agent.api.datatypes import kserve_datatype, metadata_shape
 from edgepack.agent.api.repository import ModelRepository, ServedModel
 from edgepack.agent.api.validation import check_inputs, check_outputs
-from edgepack.errors import BadRequestError
+from edgepack.errors import BadRequestError, ModelNotFoundError
 from edgepack.manifest import TensorSpec
 
 __all__ = ["EXTENSIONS", "SERVER_NAME", "DataPlane"]
@@ -51,6 +59,14 @@ class DataPlane:
 
     def server_metadata(self) -> dict[str, Any]:
         return {"name": SERVER_NAME, "version": edgepack.__version__, "extensions": list(EXTENSIONS)}
+
+    def knows(self, name: str) -> bool:
+        """Whether ``name`` is a model of the repository (ready or not): metrics label only known names."""
+        try:
+            self._repository.ready(name)
+        except ModelNotFoundError:
+            return False
+        return True
 
     def model_ready(self, name: str, version: str | None = None) -> bool:
         """Whether the model can serve; ModelNotFoundError for an unknown name or version."""
@@ -87,11 +103,22 @@ class DataPlane:
         """Run one inference request on the model ``name`` and encode its response."""
         with self._repository.acquire(name, version) as model:
             request = parse_request(body, header_length)
-            check_inputs(request.inputs, model.inputs)
-            check_outputs(request.outputs, model.outputs)
-            results = model.infer(decode_inputs(request))
+            results = _run(model, request)
             model_name, model_version = model.name, model.version
         return encode_response(model_name, model_version, request, results)
+
+    def infer_parsed(
+        self, name: str, version: str | None, request: InferenceRequest
+    ) -> tuple[str, str, dict[str, np.ndarray]]:
+        """Run a request another transport parsed (gRPC); (model name, version, outputs) for its encoder."""
+        with self._repository.acquire(name, version) as model:
+            return model.name, model.version, _run(model, request)
+
+
+def _run(model: ServedModel, request: InferenceRequest) -> dict[str, np.ndarray]:
+    check_inputs(request.inputs, model.inputs)
+    check_outputs(request.outputs, model.outputs)
+    return model.infer(decode_inputs(request))
 
 
 def _tensor_metadata(spec: TensorSpec) -> dict[str, Any]:

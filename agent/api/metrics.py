@@ -15,6 +15,7 @@ samples) is easy to get subtly wrong by hand, and the library is small and pure 
 from __future__ import annotations
 
 import threading
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
@@ -102,6 +103,10 @@ class ApiMetrics:
             previous = self._active.pop(model, None)
             if previous is not None:
                 self.active_model.remove(model, previous)
+
+    def add_collector(self, collector: Any) -> None:
+        """Register a ``prometheus_client`` collector (e.g. the drift gauges of ``agent/field_metrics.py``)."""
+        self.registry.register(collector)
 
     def render(self) -> tuple[bytes, str]:
         """The exposition text and its content type."""

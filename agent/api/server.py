@@ -30,7 +30,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import uvicorn
 
@@ -38,6 +38,9 @@ from edgepack.agent.api.app import DEFAULT_MAX_BODY_BYTES, InferenceApp
 from edgepack.agent.api.metrics import ApiMetrics
 from edgepack.agent.api.repository import ModelRepository
 from edgepack.errors import ConfigError
+
+if TYPE_CHECKING:
+    from edgepack.agent.api.grpc_server import GrpcServer
 
 __all__ = ["DEFAULT_UNIX_MODE", "ServerHandle", "check_listen", "serve", "start_in_thread"]
 
@@ -56,6 +59,7 @@ class ServerHandle:
     _server: uvicorn.Server
     _thread: threading.Thread
     unix_path: Path | None = field(default=None)
+    grpc: GrpcServer | None = field(default=None)  # the KServe v2 gRPC listener, when grpc_port is set
 
     @property
     def url(self) -> str:
@@ -64,6 +68,8 @@ class ServerHandle:
 
     def stop(self, timeout: float = 10.0) -> None:
         """Stop accepting, let requests in flight finish, and wait up to ``timeout`` seconds."""
+        if self.grpc is not None:
+            self.grpc.stop()
         self._server.should_exit = True
         self._thread.join(timeout)
         if self._thread.is_alive():
@@ -86,13 +92,17 @@ def serve(
     unix_mode: int = DEFAULT_UNIX_MODE,
     max_concurrent_requests: int | None = None,
     max_queued_bytes: int | None = None,
+    grpc_port: int | None = None,
 ) -> None:
     """Serve the API until the process is told to stop (SIGINT/SIGTERM); arguments as :func:`start_in_thread`."""
-    server, sockets, _ = _prepare(repository, host, port, locals())
+    server, sockets, app = _prepare(repository, host, port, locals())
     log.info("local inference API on %s", _describe(sockets))
+    grpc = _start_grpc(app, host, grpc_port, token, max_body_bytes, sockets)
     try:
         server.run(sockets=sockets)
     finally:
+        if grpc is not None:
+            grpc.stop()
         if unix_path is not None:
             _unlink_socket(Path(unix_path))
 
@@ -111,15 +121,18 @@ def start_in_thread(
     unix_mode: int = DEFAULT_UNIX_MODE,
     max_concurrent_requests: int | None = None,
     max_queued_bytes: int | None = None,
+    grpc_port: int | None = None,
     startup_timeout: float = 10.0,
 ) -> ServerHandle:
     """Start the API in a daemon thread; returns once it accepts connections.
 
     ``insecure_listen``: allow a non-loopback ``host`` without a token. ``unix_path``/``unix_mode``: a
     Unix-domain socket listener besides TCP. ``max_concurrent_requests``/``max_queued_bytes``: the load
-    bound (None: derived; see :mod:`~edgepack.agent.api.admission`).
+    bound (None: derived; see :mod:`~edgepack.agent.api.admission`). ``grpc_port``: also serve KServe v2
+    gRPC on this port (0: a free one; None: no gRPC), same app, bound, metrics and token.
     """
     server, sockets, app = _prepare(repository, host, port, locals())
+    grpc = _start_grpc(app, host, grpc_port, token, max_body_bytes, sockets)
     bound_port = sockets[0].getsockname()[1]
     thread = threading.Thread(
         target=server.run, kwargs={"sockets": sockets}, name=f"edgepack-api-{bound_port}", daemon=True
@@ -129,10 +142,36 @@ def start_in_thread(
     while not server.started:
         if not thread.is_alive() or time.monotonic() > deadline:
             server.should_exit = True
+            if grpc is not None:
+                grpc.stop()
             raise RuntimeError(f"the API server on {host}:{bound_port} did not start")
         time.sleep(0.01)
     unix = Path(unix_path) if unix_path is not None else None
-    return ServerHandle(host=host, port=bound_port, app=app, _server=server, _thread=thread, unix_path=unix)
+    return ServerHandle(
+        host=host, port=bound_port, app=app, _server=server, _thread=thread, unix_path=unix, grpc=grpc
+    )
+
+
+def _start_grpc(
+    app: InferenceApp, host: str, port: int | None, token: str | None, max_body: int, sockets: list[socket.socket]
+) -> GrpcServer | None:
+    """The gRPC listener next to HTTP (``port`` None: none); on failure the HTTP sockets are closed."""
+    if port is None:
+        return None
+    try:
+        try:
+            from edgepack.agent.api.grpc_server import GrpcServer  # grpcio only where gRPC is asked for
+        except ImportError as exc:
+            raise ConfigError(
+                f"grpc_port is set but gRPC cannot be served here ({exc}); install it with: "
+                "pip install 'edgepack[agent-grpc]', or leave grpc_port unset"
+            ) from exc
+        return GrpcServer(app, host, port, token=token, max_body_bytes=max_body).start()
+    except BaseException:
+        for sock in sockets:
+            sock.close()
+        app.close()
+        raise
 
 
 def check_listen(host: str, port: int, token: str | None, insecure_listen: bool) -> None:

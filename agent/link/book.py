@@ -7,7 +7,10 @@ Kept in ``STATE/commands.json`` (written atomically: temp file, fsync, rename, d
   quietly; the same command sent live is a replay and is reported;
 - a command past its ``expires_at`` is refused;
 - a newer command for a model supersedes that model's pending installs (an install: ``superseded``; a
-  rollback: ``canceled``, see :meth:`CommandBook.accept`).
+  rollback: ``canceled``, see :meth:`CommandBook.accept`);
+- a finished command keeps its ``result`` event until the broker acknowledged it (:meth:`CommandBook.reported`):
+  an agent killed between finishing a job and that acknowledgement sends the result again at its next start
+  (the operator takes results idempotently, by command id), so a committed install is never reported lost.
 
 **A corrupt book must not take the device down.** If ``commands.json`` cannot be read, it is kept as
 ``commands.json.corrupt-<UTC time>``, the book starts empty, and — since the sequence numbers it knew are
@@ -43,6 +46,7 @@ class _Done(BaseModel):
     model_config = ConfigDict(extra="ignore")
     id: str
     outcome: str
+    result: dict[str, Any] | None = None  # the result event, until the broker acknowledged it
 
 
 class _BookFile(BaseModel):
@@ -79,7 +83,7 @@ class CommandBook:
                 book = self._quarantine(exc, journals or (lambda: ()))
         self._pending: list[SignedCommand] = list(book.pending)
         self._last_seq: dict[str, int] = dict(book.last_seq)
-        self._done: list[dict[str, str]] = [d.model_dump() for d in book.done]
+        self._done: list[dict[str, Any]] = [d.model_dump(exclude_none=True) for d in book.done]
         self._floor: dict[str, datetime] = dict(book.issued_floor)
         if self.notices:
             self._save()
@@ -136,11 +140,29 @@ class CommandBook:
             self._save()
         return superseded
 
-    def finish(self, command_id: str, outcome: str) -> None:
+    def finish(self, command_id: str, outcome: str, result: dict[str, Any] | None = None) -> None:
+        """End ``command_id`` with ``outcome``; ``result`` (its result event) is kept until :meth:`reported`."""
         with self._lock:
             self._pending = [p for p in self._pending if p.command.id != command_id]
-            self._remember(command_id, outcome)
+            self._remember(command_id, outcome, result)
             self._save()
+
+    def reported(self, command_ids: Iterable[str]) -> None:
+        """The broker acknowledged the result events of ``command_ids``: they need not be sent again."""
+        ids = set(command_ids)
+        with self._lock:
+            changed = False
+            for done in self._done:
+                if done["id"] in ids and done.get("result") is not None:
+                    done.pop("result")
+                    changed = True
+            if changed:
+                self._save()
+
+    def unreported(self) -> list[dict[str, Any]]:
+        """The result events that no broker acknowledged (the agent stopped or lost power first)."""
+        with self._lock:
+            return [dict(d["result"]) for d in self._done if d.get("result") is not None]
 
     def pending(self) -> list[SignedCommand]:
         with self._lock:
@@ -171,9 +193,12 @@ class CommandBook:
         self.notices.append(notice)
         return _BookFile(issued_floor=floors)
 
-    def _remember(self, command_id: str, outcome: str) -> None:
+    def _remember(self, command_id: str, outcome: str, result: dict[str, Any] | None = None) -> None:
         self._done = [d for d in self._done if d["id"] != command_id][-(DONE_KEPT - 1) :]
-        self._done.append({"id": command_id, "outcome": outcome})
+        entry: dict[str, Any] = {"id": command_id, "outcome": outcome}
+        if result is not None:
+            entry["result"] = result
+        self._done.append(entry)
 
     def _save(self) -> None:
         data: dict[str, Any] = {

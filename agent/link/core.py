@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import logging
 import time
+from pathlib import Path
 from typing import Any
 
 from edgepack.agent.config import LinkSettings
 from edgepack.agent.link.book import COMMANDS_FILE, CommandBook, expired, journal_times
+from edgepack.agent.link.capture_upload import CaptureUploader
 from edgepack.agent.link.dispatch import Dispatcher
 from edgepack.agent.link.events import EventSink
 from edgepack.agent.link.fetch import Fetcher
@@ -23,7 +25,7 @@ from edgepack.agent.receiver import ChunkReceiver, directory_size
 from edgepack.agent.service import DeviceAgent
 from edgepack.errors import CommandExpiredError, ConfigError
 from edgepack.mqtt import MqttClient, MqttOptions, Received
-from edgepack.protocol import InstallCommand, SignedCommand, Topics, groups_from_labels
+from edgepack.protocol import InstallCommand, ResultEvent, SignedCommand, Topics, groups_from_labels
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +55,7 @@ class AgentLink:
                 "off): set device_id in agent.toml or --device-id, or give the machine an /etc/machine-id"
             )
         self.device_id = self.config.device_id
+        _warn_if_certificate_names_another_device(self.config.broker.cert, self.device_id)
         self.topics = Topics(self.config.broker.prefix)
         self.groups = groups_from_labels(self.config.labels)
         skipped = {f"{k}={v}" for k, v in self.config.labels.items()} - set(self.groups)
@@ -114,8 +117,17 @@ class AgentLink:
             fetcher=self.fetcher,
             events=self.events,
             new_job=self._new_job,
+            on_trust_applied=lambda _versions: self.state.publish(),  # the state names the trust version
         )
         self._prev_state_hook = agent.installer.on_state
+        self.capture: CaptureUploader | None = None  # upload of captured records (agent/link/capture_upload.py)
+        if agent.field_data.buffer is not None:
+            self.capture = CaptureUploader(
+                agent.field_data.buffer, self.client, self.topics, self.device_id, agent.trust,
+                chunk_size=self.config.capture.chunk_size, ack_timeout_s=self.config.capture.ack_timeout_s,
+                configure=agent.field_data.configure,
+            )  # fmt: skip
+        agent.field_data.on_level_change = lambda _name, _level: self.state.publish()  # drift level in the state
 
     # --- lifecycle -------------------------------------------------------------------------------
 
@@ -140,16 +152,28 @@ class AgentLink:
             log.info("removed partial transfer %s… that no pending command needs", gone[:12])
         self.client.set_will(self.state.will())
         self.client.subscribe(
-            [self.topics.device_command(self.device_id)] + [self.topics.group_command(g) for g in self.groups]
+            [self.topics.device_command(self.device_id)]
+            + [self.topics.group_command(g) for g in self.groups]
+            + [self.topics.group_trust(g) for g in self.groups]  # new trust roots (agent/trust_update.py)
         )
         self.jobs.extend(resumed)
+        for result in self.book.unreported():  # killed before the broker took these: send them again
+            log.info("sending again the result of command %s (%s)", result.get("command_id"), result.get("outcome"))
+            self.events.emit(ResultEvent.model_validate(result))
         self.agent.installer.on_state = self._on_install_state
+        if self.capture is not None:
+            self.capture.start()
         self.worker.start()
         self.client.start()
+        self.state.start_watch(self.options.state_interval_s)  # a health change while idle: the state again
 
     def stop(self, timeout: float = 10.0) -> None:
         """Stop working (a pending job resumes at the next start), mark the device offline, disconnect."""
+        self.state.stop_watch()
         self.worker.stop(timeout)
+        if self.capture is not None:
+            self.capture.stop()
+        self.agent.field_data.on_level_change = None
         self.state.publish_offline()
         self.client.stop()
         self.agent.installer.on_state = self._prev_state_hook
@@ -195,8 +219,36 @@ class AgentLink:
         log.info("broker connection lost (%s); serving on, events are buffered", reason)
 
     def _on_message(self, message: Received) -> None:
+        if self.capture is not None and message.topic == self.capture.control_topic:
+            self.capture.on_message(message)
+            return
         self.dispatcher.on_message(message)
 
     def _on_install_state(self, state: str) -> None:
         self._prev_state_hook(state)
         self.worker.on_install_state(state)
+
+
+def _warn_if_certificate_names_another_device(cert: Any, device_id: str) -> None:
+    """A broker with the fleet's ACL (``docs/broker-acl.md``) takes the certificate's CN as the device's name:
+    a ``device_id`` that differs has its state and events refused by the broker, with nothing said on the
+    device. Say it here, once, at start."""
+    if not cert:
+        return
+    try:
+        from cryptography import x509
+        from cryptography.x509.oid import NameOID
+
+        names = x509.load_pem_x509_certificate(Path(cert).read_bytes()).subject.get_attributes_for_oid(
+            NameOID.COMMON_NAME
+        )
+    except (OSError, ValueError) as exc:
+        log.warning("cannot read the client certificate %s: %s", cert, exc)
+        return
+    cn = str(names[0].value) if names else None
+    if cn is not None and cn != device_id:
+        log.warning(
+            "device id %r differs from its certificate's CN %r: a broker that names clients by certificate "
+            "(use_identity_as_username) refuses this device's state and events; set device_id = %r",
+            device_id, cn, cn,
+        )  # fmt: skip

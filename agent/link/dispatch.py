@@ -5,7 +5,9 @@ group of the topic, which must be one of the device's), signatures (the trust st
 then the replay rules of the command book — and anything refused becomes a ``rejected`` event naming the
 reason. An accepted command is persisted, then queued; a newer one for the same model pre-empts the older
 pending install (queued: ended at once; running: asked to stop, see ``jobs.py``). Index and chunk
-messages go to the fetcher. Nothing here blocks or sleeps: the network thread must keep the connection.
+messages go to the fetcher. A group's retained ``trust`` message (new trust root versions) goes to the
+trust store's own rules (``agent/trust_update.py``); a refused one becomes a ``rejected`` event too.
+Nothing here blocks or sleeps: the network thread must keep the connection.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from edgepack.protocol import (
     TopicMatch,
     Topics,
     parse_command,
+    parse_trust_update,
     verify_command,
 )
 from edgepack.trust import TrustStore
@@ -48,6 +51,7 @@ class Dispatcher:
         fetcher: Fetcher,
         events: EventSink,
         new_job: Callable[[SignedCommand], Job],
+        on_trust_applied: Callable[[list[int]], None] | None = None,
     ) -> None:
         self.device = device
         self.groups = groups
@@ -58,6 +62,7 @@ class Dispatcher:
         self.fetcher = fetcher
         self.events = events
         self.new_job = new_job
+        self.on_trust_applied = on_trust_applied
 
     def on_message(self, message: Received) -> None:
         match = self.topics.parse(message.topic)
@@ -67,6 +72,8 @@ class Dispatcher:
         try:
             if match.kind in ("device_cmd", "group_cmd"):
                 self._on_command(match, message)
+            elif match.kind == "group_trust":
+                self._on_trust(match, message)
             elif match.kind == "index":
                 self.fetcher.on_index(message.topic, message.payload)
             elif match.kind == "chunk":
@@ -113,6 +120,15 @@ class Dispatcher:
             elif what == "installing":
                 log.info("command %s is already installing; %s runs after it", old.command.id, command.id)
         self.jobs.put(self.new_job(signed))
+
+    def _on_trust(self, match: TopicMatch, message: Received) -> None:
+        if not message.payload or match.key not in self.groups:
+            return  # a cleared retained message, or a group this device left
+        applied = self.trust.update(parse_trust_update(message.payload).roots)
+        if applied:
+            log.info("trust root now version %d (from %s)", applied[-1], message.topic)
+            if self.on_trust_applied is not None:
+                self.on_trust_applied(applied)
 
     def _check_recipient(self, match: TopicMatch, signed: SignedCommand) -> None:
         to = signed.command.to

@@ -2,7 +2,8 @@
 
 When the buffer is full the oldest ``progress`` event goes first, then the oldest of any kind, and
 :attr:`EventSink.dropped` counts what went (it is in the device state). The buffer is sent, in order, on
-every (re)connect.
+every (re)connect. A ``result`` event is also kept by the command book until the broker acknowledged it:
+:meth:`EventSink.acknowledged` says which results the broker now holds (see ``book.py``).
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ class EventSink:
         self._lock = threading.Lock()
         self._buffer: deque[AnyEvent] = deque()
         self._seq = itertools.count(1)
+        self._results_in_flight: dict[str, Any] = {}  # command id -> paho's MQTTMessageInfo of its result
 
     def base(self, command_id: str | None = None, at: datetime | None = None) -> dict[str, Any]:
         """The common fields of an event about ``command_id``."""
@@ -87,5 +89,16 @@ class EventSink:
             self.dropped += 1
         self._buffer.append(event)
 
+    def acknowledged(self) -> list[str]:
+        """Command ids whose result event the broker acknowledged since the last call."""
+        with self._lock:
+            done = [cid for cid, info in self._results_in_flight.items() if info.is_published()]
+            for cid in done:
+                del self._results_in_flight[cid]
+        return done
+
     def _send(self, event: AnyEvent) -> None:
-        self.client.publish(self.topic, encode(event), expiry_s=self.expiry_s, content_type=JSON)
+        info = self.client.publish(self.topic, encode(event), expiry_s=self.expiry_s, content_type=JSON)
+        if isinstance(event, ResultEvent) and event.command_id:
+            with self._lock:
+                self._results_in_flight[event.command_id] = info

@@ -10,9 +10,17 @@ flow at any rate. (Sleeping in the message callback, as a throttle, stalls the w
 rate one sleep outlasts the keepalive and the broker drops the device.)
 
 **Asking again** (:class:`NeedTimer`). While something asked for is outstanding and nothing arrives for
-``stall_s``, the link publishes a ``need`` (the missing positions, or ``index: true``), then again after 2×,
-4×, … up to ``need_max_s``; anything arriving starts over. After ``max_unanswered_needs`` needs in a row
-answered by nothing, the transfer cannot progress — its chunks are gone from the broker and nobody
+``stall_s`` (× a random 1–1.5, so that a fleet stalled by one broker hiccup does not ask in lockstep), the
+link publishes a ``need`` — the positions of the chunks it *asked for* that have not arrived (or
+``index: true``), never the rest of the missing ones: those come from the broker's retained store when the
+window reaches them, and an operator answers a need by publishing each named chunk to every device
+subscribed to it, so a long list multiplies the broker's load (measured: 15 bundle copies of ingress on a
+1,000-device rollout) — then again after 2×, 4×, … up to ``need_max_s``; anything arriving starts over.
+The first time in a quiet spell it does not ask the operator at all: it **subscribes again** to the first
+chunk outstanding, which makes the broker send its retained copy again, to this device alone and with no
+new upload (a broker that is merely slow, or that dropped a queued message, holds it still); only when that
+brings nothing either, or the broker's copy was refused for its hash, is a ``need`` published.
+After ``max_unanswered_needs`` needs in a row answered by nothing, the transfer cannot progress — its chunks are gone from the broker and nobody
 republishes them — and it ends as failed (``stalled``) with a reason naming the bundle and what is missing.
 The job's deadline and expiry (``jobs.py``) are checked on every turn as well.
 """
@@ -20,6 +28,7 @@ The job's deadline and expiry (``jobs.py``) are checked on every turn as well.
 from __future__ import annotations
 
 import logging
+import random
 import threading
 import time
 from collections import deque
@@ -29,7 +38,7 @@ from edgepack.agent.config import LinkSettings
 from edgepack.agent.link.events import EventSink
 from edgepack.agent.link.jobs import Job, JobState
 from edgepack.agent.receiver import ChunkReceiver, Transfer
-from edgepack.errors import IndexMismatchError, TransferStalledError
+from edgepack.errors import ChunkMismatchError, IndexMismatchError, TransferStalledError
 from edgepack.mqtt import MqttClient
 from edgepack.protocol import (
     MAX_NEED_CHUNKS,
@@ -45,6 +54,9 @@ from edgepack.protocol import (
 log = logging.getLogger(__name__)
 
 TICK_S = 0.2  # the worker looks at its job at least this often
+# a download progress event also waits for this share of the bundle more (≤ 20 per transfer: at 1,000
+# devices, one every progress_interval_s each was most of the broker's per-device ingress)
+PROGRESS_STEP = 0.05
 
 
 class Pacer:
@@ -72,24 +84,29 @@ class NeedTimer:
         self.options = options
         self._connected_at = connected_at
         self._quiet_since = time.monotonic()
-        self._delay = options.stall_s
+        self._delay = self._first_delay()
         self._seen_connect = connected_at()
         self.unanswered = 0
+        self.resubscribed = False  # the first step of a quiet spell was taken: subscribe again, not a need
 
     def due(self, progressed: bool, waiting: bool = True) -> bool:
         now = time.monotonic()
         connected_at = self._connected_at()
         if progressed:
             self.unanswered = 0
+            self.resubscribed = False
         if progressed or not waiting or connected_at != self._seen_connect:
             self._seen_connect = connected_at
-            self._quiet_since, self._delay = now, self.options.stall_s
+            self._quiet_since, self._delay = now, self._first_delay()
             return False
         if now - self._quiet_since < self._delay:
             return False
         self._quiet_since = now
-        self._delay = min(self._delay * 2, self.options.need_max_s)
+        self._delay = min(self._delay * 2, max(self.options.need_max_s, self.options.stall_s))
         return True
+
+    def _first_delay(self) -> float:
+        return self.options.stall_s * random.uniform(1.0, 1.5)  # jitter, not a secret
 
 
 class Fetcher:
@@ -116,6 +133,7 @@ class Fetcher:
         self._transfer: Transfer | None = None
         self._wanted: deque[str] = deque()  # missing, not asked for yet, in index order
         self._asked: set[str] = set()  # subscribed, not arrived yet
+        self._refused: set[str] = set()  # asked for, and a copy that did not match its hash arrived
         self._asks = 0
         self.pacer = Pacer(options.max_rate)
 
@@ -134,7 +152,12 @@ class Fetcher:
             transfer = self._transfer
         if transfer is None:
             return
-        transfer.offer(sha256, payload)
+        try:
+            transfer.offer(sha256, payload)
+        except ChunkMismatchError:
+            with self._cv:
+                self._refused.add(sha256)  # the broker's copy is bad: subscribing again would bring it again
+            raise
         with self._cv:
             self._asked.discard(sha256)
         self.client.unsubscribe([topic])
@@ -203,10 +226,10 @@ class Fetcher:
         with self._cv:
             self._transfer = transfer
             self._wanted = deque(transfer.missing())
-            self._asked = set()
+            self._asked, self._refused = set(), set()
         job.set_state(JobState.DOWNLOAD)
         waiter = NeedTimer(self.options, self._connected_at)
-        last_held, last_asks, last_progress = -1, -1, 0.0
+        last_held, last_asks, last_progress, reported = -1, -1, 0.0, -1
         try:
             while not transfer.complete:
                 job.check()
@@ -218,7 +241,8 @@ class Fetcher:
                 with self._cv:
                     asks, waiting = self._asks, bool(self._asked)
                 arrived = held != last_held
-                if arrived and now - last_progress >= self.options.progress_interval_s:
+                step = held - reported >= transfer.total_bytes * PROGRESS_STEP or transfer.complete
+                if arrived and step and now - last_progress >= self.options.progress_interval_s:
                     self.events.emit(
                         ProgressEvent(
                             **self.events.base(command.id),
@@ -228,18 +252,23 @@ class Fetcher:
                             total_bytes=transfer.total_bytes,
                         )
                     )
-                    last_progress = now
+                    last_progress, reported = now, held
                 progressed = arrived or asks != last_asks
                 last_held, last_asks = held, asks
                 if waiter.due(progressed, waiting) and self.client.is_connected:
-                    positions = transfer.missing_positions()
+                    if not waiter.resubscribed:
+                        waiter.resubscribed = True
+                        if self._resubscribe(transfer):
+                            continue
                     if waiter.unanswered >= self.options.max_unanswered_needs:
+                        positions = transfer.missing_positions()
                         raise TransferStalledError(self._stalled(command, transfer, positions, waiter.unanswered))
                     waiter.unanswered += 1
-                    log.info("nothing arrived for a while; asking again for %d chunk(s)", len(positions))
+                    outstanding = self._outstanding(transfer)
+                    log.info("nothing arrived for a while; asking again for %d chunk(s)", len(outstanding))
                     self.events.emit(
                         NeedEvent(
-                            **self.events.base(command.id), bundle=transfer.bundle, chunks=positions[:MAX_NEED_CHUNKS]
+                            **self.events.base(command.id), bundle=transfer.bundle, chunks=outstanding[:MAX_NEED_CHUNKS]
                         )
                     )
         finally:
@@ -249,6 +278,31 @@ class Fetcher:
             self.client.unsubscribe([self.topics.chunk(sha) for sha in asked])
 
     # --- internals -------------------------------------------------------------------------------
+
+    def _resubscribe(self, transfer: Transfer) -> bool:
+        """Subscribe again to the first chunk asked for and not arrived (in index order): the broker sends its
+        retained copy anew (unsubscribing first: an MQTT 5 subscription that exists gets no retained copy,
+        retain handling 1). One chunk, not the window: on a broker that is merely slow the window is still
+        queued for this device, and a second copy of all of it would add the very load that stalled it
+        (measured: 3 × bundle of egress per device at 1,000 devices). Not a chunk whose copy from the broker
+        was refused (bad hash). False when there was none to do."""
+        with self._cv:
+            candidates = self._asked - self._refused
+        first = next((ref.sha256 for ref in transfer.index.chunks if ref.sha256 in candidates), None)
+        if first is None:
+            return False
+        topics = [self.topics.chunk(first)]
+        log.info("nothing arrived for a while; subscribing again to chunk %s…", first[:12])
+        self.client.unsubscribe(topics)
+        self.client.subscribe(topics)
+        return True
+
+    def _outstanding(self, transfer: Transfer) -> list[int]:
+        """Positions of the chunks asked for (subscribed) that have not arrived, in index order."""
+        with self._cv:
+            asked = set(self._asked)
+        chunks = transfer.index.chunks
+        return [i for i, ref in enumerate(chunks) if ref.sha256 in asked and not transfer.holds(ref.sha256)]
 
     def _refill(self) -> None:
         """Ask for more missing chunks while the window has room and the rate allows (any thread)."""

@@ -11,10 +11,12 @@ import logging
 from collections.abc import Callable
 
 from edgepack import __version__
+from edgepack.agent.field_data import capture_status, drift_status
+from edgepack.agent.health import HealthMonitor, HealthWatch
 from edgepack.agent.service import DeviceAgent, describe_store
 from edgepack.manifest import utc_now
 from edgepack.mqtt import MqttClient, Will
-from edgepack.protocol import DeviceState, ModelStatus, TransferStatus, encode
+from edgepack.protocol import DeviceHealth, DeviceState, ModelStatus, TransferStatus, TrustStatus, encode
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +48,21 @@ class StatePublisher:
         self._transfer = transfer
         self._dropped = dropped_events
         self._notices = notices
+        self.health = HealthMonitor(agent)  # the state's ``health`` (agent/health.py)
+        self._last_health: DeviceHealth | None = None
+
+    def start_watch(self, every_s: float = 0.0) -> None:
+        """Publish the state again whenever the device's health changes (checked every few seconds), and with
+        ``every_s`` > 0 at least that often (a heartbeat)."""
+        HealthWatch.shared().watch(id(self), self._check_health, lambda _: self.publish(), self._last_health,
+                                   every_s=every_s)  # fmt: skip
+
+    def stop_watch(self) -> None:
+        HealthWatch.shared().unwatch(id(self))
+
+    def _check_health(self) -> DeviceHealth:
+        self._last_health = self.health.check()
+        return self._last_health
 
     def will(self) -> Will:
         return Will(self.topic, encode(self.state(online=False)), 1, True, self.will_delay_s)
@@ -55,6 +72,8 @@ class StatePublisher:
             return
         self.client.publish(self.topic, encode(self.state(online=True)), retain=True, content_type=JSON)
         self.client.set_will(self.will())
+        if self._last_health is not None:
+            HealthWatch.shared().reported(id(self), self._last_health)
 
     def publish_offline(self, timeout: float = 2.0) -> None:
         if self.client.is_connected:
@@ -74,11 +93,29 @@ class StatePublisher:
                     serving=row.get("serving"),
                     highest_version=row["highest_version"],
                     bundle=row["active"]["bundle"] if row["active"] else None,
+                    drift=drift_status(self.agent, name),
                 )
         except Exception as exc:  # the state must go out whatever the store says; say what failed
             log.exception("cannot describe the store for the device state")
             notices.append(f"cannot read the store: {exc}")
+        try:
+            health: DeviceHealth | None = self._check_health()
+        except Exception as exc:
+            log.exception("cannot check the device's health for the device state")
+            health = None
+            notices.append(f"cannot check health: {exc}")
         config = self.agent.config
+        try:
+            trust: TrustStatus | None = TrustStatus(**self.agent.trust.describe())
+        except Exception as exc:
+            log.exception("cannot describe the trust root for the device state")
+            trust = None
+            notices.append(f"cannot describe the trust root: {exc}")
+        if trust is not None and trust.expired:
+            notices.append(
+                f"trust root version {trust.version} expired at {trust.expires}: serving the installed models, "
+                "accepting nothing new until a fresh root arrives"
+            )
         return DeviceState(
             device=self.device,
             online=online,
@@ -92,4 +129,7 @@ class StatePublisher:
             agent_version=__version__,
             dropped_events=self._dropped(),
             notices=notices,
+            health=health,
+            trust=trust,
+            capture=capture_status(self.agent),
         )

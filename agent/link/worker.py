@@ -85,6 +85,7 @@ class Worker:
 
     def _loop(self) -> None:
         while not self.stopping.is_set():
+            self.book.reported(self.events.acknowledged())
             job = self.jobs.take(1.0)
             if job is None:
                 continue
@@ -214,7 +215,7 @@ class Worker:
 
     def finish(self, job: Job, event: ResultEvent) -> None:
         job.state = JobState(event.outcome)
-        self.book.finish(job.id, event.outcome)
+        self.book.finish(job.id, event.outcome, result=event.model_dump(mode="json", exclude_none=True))
         if isinstance(job.command, InstallCommand) and not any(
             isinstance(p.command, InstallCommand) and p.command.bundle == job.command.bundle
             for p in self.book.pending()
@@ -223,6 +224,7 @@ class Worker:
         self.jobs.done(job)
         self.publish_state()  # before the result, so whoever reads the result finds the new state
         self.events.emit(event)
+        self.book.reported(self.events.acknowledged())
 
     def on_install_state(self, state: str) -> None:
         """The installer's state hook: progress events for verify/stage/switch/commit."""

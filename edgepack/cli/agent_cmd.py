@@ -16,6 +16,7 @@ import numpy as np
 import typer
 from rich.table import Table
 
+from edgepack.cli import agent_trust_cmd
 from edgepack.cli.console import console, err_console
 
 TRUST_HELP = "Trust store directory the bundle must verify against ('edgepack trust init')."
@@ -26,6 +27,7 @@ def register(app: typer.Typer) -> None:
         help="The device agent: install bundles, show and roll back what it runs.", no_args_is_help=True
     )
     app.add_typer(agent, name="agent")
+    agent_trust_cmd.register(agent)  # agent trust-update
 
     @app.command("serve")
     def serve_cmd(
@@ -47,6 +49,9 @@ def register(app: typer.Typer) -> None:
         ),
         max_queued_mb: float | None = typer.Option(
             None, "--max-queued-mb", help="Body MiB held by requests in flight before 503 (default: derived)."
+        ),
+        grpc_port: int | None = typer.Option(
+            None, "--grpc-port", help="Also serve KServe v2 gRPC on this port (default: HTTP only)."
         ),
     ) -> None:
         """Serve one bundle over the local KServe v2 API, offline (no broker).
@@ -75,6 +80,7 @@ def register(app: typer.Typer) -> None:
                     "listen_unix": str(listen_unix) if listen_unix else None,
                     "max_concurrent_requests": max_concurrent,
                     "max_queued_mb": max_queued_mb,
+                    "grpc_port": grpc_port,
                 },
             )
             agent = DeviceAgent(config)
@@ -85,6 +91,8 @@ def register(app: typer.Typer) -> None:
                 agent.boot()
                 result = agent.install(bundle)
                 where = f"http://{handle.url}" + (f" and unix:{config.listen_unix}" if config.listen_unix else "")
+                if handle.grpc is not None:
+                    where += f" (gRPC on {handle.grpc.url})"
                 err_console.print(
                     f"serving [bold]{result.name}[/] {result.version} on {where}/v2/models/{result.name} "
                     f"(self-test: {result.selftest or 'none'}); Ctrl-C stops"
@@ -222,10 +230,25 @@ def register(app: typer.Typer) -> None:
                 cells.append(row.get("serving") or "-")
             table.add_row(*cells)
         console.print(table)
+        trust = status.get("trust")  # only a daemon's status has it (the store alone does not know its trust dir)
+        if trust:
+            expired = " [red]EXPIRED: serving, accepting nothing new[/]" if trust["expired"] else ""
+            console.print(f"trust root version {trust['version']}, expires {trust['expires']}{expired}")
+        for name, field in (status.get("field_data") or {}).get("models", {}).items():  # a daemon's drift
+            drift = field.get("drift") or {}
+            worst = ", ".join(f"{w['tensor']}[{w['channel']}] psi {w['psi']:.2f}" for w in drift.get("worst", [])[:2])
+            line = f"drift {name}: {drift.get('level', 'off')}" + (f" ({worst})" if worst else "")
+            console.print(line + (f" [red]field data disabled: {field['disabled']}[/]" if field.get("disabled") else ""))
+        capture = (status.get("field_data") or {}).get("capture")
+        if capture:
+            console.print(f"capture: {capture['records']} record(s) waiting, {capture['bytes']} bytes, "
+                          f"{capture['dropped']} dropped (buffer full), {capture['uploaded']} uploaded")  # fmt: skip
         for entry in status["recent_installs"]:
             console.print(
                 f"{entry['action']} {entry['name']} {entry['version']}: {entry['outcome'] or entry['state']} {entry['reason'] or ''}"
             )
+        for notice in status.get("notices", []):  # what the store repaired on its own: the operator should know
+            console.print(f"[yellow]notice:[/] {notice}", highlight=False)
 
 
 STANDALONE_HELP = "Used when no daemon (`edgepack agent run`) holds --state; a running daemon uses its own."

@@ -18,9 +18,15 @@ from edgepack.cli.console import console
 from edgepack.errors import ConfigError
 from edgepack.keys import SigningKey, short_id
 from edgepack.manifest import Manifest, RuntimeRequirement, utc_now
-from edgepack.trust import TrustStore
+from edgepack.trust import DEFAULT_BUNDLE_EXPIRY, TrustStore, parse_expires
 
 RUNTIME_BY_SUFFIX = {".onnx": "onnxruntime", ".xml": "openvino", ".tflite": "litert"}
+
+
+EXPIRES_HELP = (
+    "When devices stop accepting the bundle: a duration (90d, 12h, 2w), an ISO 8601 time, or 'never' "
+    "(default 90d; see docs/security.md)."
+)
 
 
 def register(app: typer.Typer) -> None:
@@ -38,7 +44,8 @@ def register(app: typer.Typer) -> None:
         key: list[Path] = typer.Option(..., "--key", help="Private key to sign with; repeat for several."),
         out: Path = typer.Option(..., "-o", "--out", help="Bundle file to write (.epk)."),
         metadata: list[str] = typer.Option([], "--meta", help="Metadata KEY=VALUE (VALUE may be JSON); repeatable."),
-        expires_in_days: float | None = typer.Option(None, "--expires-in-days", help="Refuse the bundle after this."),
+        expires_in_days: float | None = typer.Option(None, "--expires-in-days", help="Same as --expires Nd."),
+        expires: str | None = typer.Option(None, "--expires", help=EXPIRES_HELP),
     ) -> None:
         """Pack MODEL_FILE as it is into a signed bundle, reading its inputs and outputs from the model."""
         runtime_name = RUNTIME_BY_SUFFIX.get(model_file.suffix.lower())
@@ -68,7 +75,9 @@ def register(app: typer.Typer) -> None:
             outputs=outputs,
             metadata=_parse_metadata(metadata),
             toolchain={runtime_name: backend.installed_version() or "unknown"},
-            expires_at=utc_now() + timedelta(days=expires_in_days) if expires_in_days else None,
+            expires_at=utc_now() + timedelta(days=expires_in_days)
+            if expires_in_days
+            else parse_expires(expires, DEFAULT_BUNDLE_EXPIRY),
         )
         console.print(f"wrote {out}: {manifest.name} {manifest.version} for {manifest.target}")
 

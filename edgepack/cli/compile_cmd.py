@@ -58,10 +58,14 @@ def compile_command(
         "Found automatically for outputs that join parts of different scales.",
     ),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON instead of tables."),
+    expires: str | None = typer.Option(
+        None, "--expires", help="When devices stop accepting the bundle: 90d, 12h, an ISO time or 'never' (default 90d)."
+    ),
 ) -> None:
     """Compile MODEL for a target: optimize, quantize or convert, check accuracy, sign a bundle."""
     from edgepack.compiler.load import parse_input_shapes
     from edgepack.compiler.pipeline import CompileRequest, compile_model
+    from edgepack.trust import DEFAULT_BUNDLE_EXPIRY, parse_expires
 
     with _input_errors_exit_2():
         request = CompileRequest(
@@ -78,6 +82,7 @@ def compile_command(
             max_accuracy_drop=max_accuracy_drop,
             selftest_samples=selftest_samples,
             output_slices=output_slices,
+            expires_at=parse_expires(expires, DEFAULT_BUNDLE_EXPIRY),
         )
         with _rich_progress() as progress:
             result = compile_model(request, progress)

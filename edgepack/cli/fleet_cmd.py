@@ -24,6 +24,8 @@ JSON_OPT = typer.Option(False, "--json", help="Machine-readable output (JSON; JS
 JOURNAL = typer.Option(None, "--journal", envvar="EDGEPACK_FLEET_JOURNAL",
                        help="Rollout journal (SQLite; default ~/.local/state/edgepack/fleet.sqlite).")  # fmt: skip
 KEYS = typer.Option(..., "--key", help="Key with the trust store's 'command' role; repeatable.")
+NODES = typer.Option([], "--node", help="Another node of a clustered broker whose retained messages are per node "
+                     "(RabbitMQ): retained messages are written and read on every node; repeatable.")  # fmt: skip
 
 
 def _journal(path: Path | None) -> Any:
@@ -40,7 +42,36 @@ def _ago(when: datetime) -> str:
     return f"{max(0, seconds):.0f}s ago"
 
 
-def _run_engine(journal: Any, rollout_id: str, options: Any, key: list[Path], as_json: bool) -> Any:
+def _health_cell(health: Any) -> str:
+    from rich.markup import escape
+
+    from edgepack.fleet.registry import health_problem
+
+    if health is None:
+        return "-"
+    problem = health_problem(health)
+    return "[green]ok[/]" if problem is None else f"[red]{escape(problem)}[/]"
+
+
+def _drift_cell(record: Any) -> str:
+    from rich.markup import escape
+
+    from edgepack.fleet.registry import capture_summary, drift_summary
+
+    colours = {"ok": "green", "warn": "yellow", "alarm": "red"}
+    parts = [f"[{colours[lv]}]{escape(t)}[/]" if lv in colours else escape(t) for lv, t in drift_summary(record.models)]
+    capture = capture_summary(record.capture)
+    return "; ".join([*parts, *([escape(capture)] if capture else [])]) or "-"
+
+
+def _nodes(urls: list[str], role: str, *tls: Any) -> list[Any]:
+    """MQTT options for each ``--node`` (the same credentials and TLS as ``--broker``)."""
+    return [_operator_options(url, role, *tls) for url in urls]
+
+
+def _run_engine(
+    journal: Any, rollout_id: str, options: Any, key: list[Path], as_json: bool, nodes: list[Any] | None = None
+) -> Any:
     from edgepack.fleet.engine import RolloutEngine
     from edgepack.fleet.progress import JsonLinesObserver, RichRolloutObserver
     from edgepack.keys import SigningKey
@@ -51,7 +82,7 @@ def _run_engine(journal: Any, rollout_id: str, options: Any, key: list[Path], as
     observer = JsonLinesObserver() if as_json else RichRolloutObserver(err_console)
     engine = RolloutEngine(
         journal, rollout_id, options=options, keys=[SigningKey.load(k) for k in key], observer=observer,
-        stop=stop.is_set,
+        stop=stop.is_set, nodes=nodes,
     )  # fmt: skip
     rollout = engine.run()
     if stop.is_set() and rollout.status in ("running", "paused", "aborting"):
@@ -68,10 +99,15 @@ def _print_status(journal: Any, rollout: Any, as_json: bool, devices: bool = Tru
             data["devices"] = [e.to_json() for e in executions]
         typer.echo(json.dumps(data, indent=2))
         return
-    console.print(
-        f"rollout [bold]{rollout.id}[/]: {rollout.model} {rollout.version} to {rollout.selector} — "
-        f"[bold]{rollout.status}[/] (wave {rollout.wave + 1}){f'; {rollout.reason}' if rollout.reason else ''}"
-    )
+    if rollout.kind == "rollback":
+        what = f"rollback of {rollout.model}{f' to {rollout.version}' if rollout.version else ''} on {rollout.selector}"
+        console.print(f"rollback [bold]{rollout.id}[/]: {what} — [bold]{rollout.status}[/]"
+                      f"{f'; {rollout.reason}' if rollout.reason else ''}")  # fmt: skip
+    else:
+        console.print(
+            f"rollout [bold]{rollout.id}[/]: {rollout.model} {rollout.version} to {rollout.selector} — "
+            f"[bold]{rollout.status}[/] (wave {rollout.wave + 1}){f'; {rollout.reason}' if rollout.reason else ''}"
+        )
     console.print("  " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())) or "  no device yet")
     if devices and executions:
         table = Table("device", "wave", "state", "attempts", "previous", "code", "reason")
@@ -82,35 +118,58 @@ def _print_status(journal: Any, rollout: Any, as_json: bool, devices: bool = Tru
         console.print(table)
 
 
+def _print_rollback(model: str, outcomes: list[Any], as_json: bool) -> None:
+    if as_json:
+        typer.echo(json.dumps([vars(o) for o in outcomes], indent=2))
+        return
+    table = Table("device", "outcome", "from", "to", "reason", title=f"rollback of {model}")
+    for o in outcomes:
+        table.add_row(o.device, o.outcome, o.from_version or "-", o.to_version or "-", o.reason or "")
+    console.print(table)
+
+
 def register(app: typer.Typer) -> None:
     fleet = typer.Typer(help="Fleet: device registry, rollouts (waves, gates, journal), rollbacks.",
                         no_args_is_help=True)  # fmt: skip
     app.add_typer(fleet, name="fleet")
+    from edgepack.cli import capture_cmd
+
+    capture_cmd.register(fleet)  # fleet capture pull
+    from edgepack.cli import fleet_identity_cmd  # ca, provision, provision-operator, broker-config
+
+    fleet_identity_cmd.register(fleet)
+    from edgepack.cli import fleet_trust_cmd  # trust push
+
+    fleet_trust_cmd.register(fleet)
 
     @fleet.command("devices")
     def devices_cmd(
         group: str | None = typer.Option(None, "--group", help="Selector: site=lyon,class=orin or ids, or all."),
+        listen: float = typer.Option(0.0, "--listen", help="Then listen this many seconds for live states "
+                                     "(heartbeats; brokers without retained wildcard delivery)."),
         broker: str = BROKER, prefix: str = PREFIX, protocol: str = PROTOCOL, ca: Path | None = CA,
         cert: Path | None = CERT, tls_key: Path | None = TLS_KEY, username: str | None = USERNAME,
-        password: str | None = PASSWORD, as_json: bool = JSON_OPT,
+        password: str | None = PASSWORD, as_json: bool = JSON_OPT, node: list[str] = NODES,
     ) -> None:  # fmt: skip
         """List the devices from their retained states: online, last seen, labels, models, health."""
         from edgepack.fleet.registry import list_devices
         from edgepack.fleet.selectors import Selector
 
         options = _operator_options(broker, "fleet", protocol, ca, cert, tls_key, username, password)
-        found = list_devices(options, prefix=prefix, selector=Selector.parse(group) if group else None)
+        nodes = _nodes(node, "fleet", protocol, ca, cert, tls_key, username, password)
+        found = list_devices(options, prefix=prefix, selector=Selector.parse(group) if group else None, nodes=nodes,
+                             listen_s=listen)  # fmt: skip
         if as_json:
             typer.echo(json.dumps([r.to_json() for r in found], indent=2))
             return
-        table = Table("device", "online", "last seen", "labels", "models (active / previous)", "health", "runtime",
-                      "agent", title=f"{len(found)} device(s)")  # fmt: skip
+        table = Table("device", "online", "last seen", "labels", "models (active / previous)", "health",
+                      "drift / capture", "runtime", "agent", title=f"{len(found)} device(s)")  # fmt: skip
         for r in found:
             models = "; ".join(f"{n} {m.get('active') or '-'} / {m.get('previous') or '-'}" for n, m in r.models.items())
             table.add_row(
                 r.device, "[green]yes[/]" if r.online else "[red]no[/]", _ago(r.last_seen),
                 ",".join(f"{k}={v}" for k, v in sorted(r.labels.items())), models or "-",
-                "-" if r.health is None else ("ok" if r.healthy() else f"[red]{r.health}[/]"),
+                _health_cell(r.health), _drift_cell(r),
                 "-" if r.runtime is None else str(r.runtime), r.agent_version or "-",
             )  # fmt: skip
         console.print(table)
@@ -120,13 +179,14 @@ def register(app: typer.Typer) -> None:
         devices: list[str] = typer.Argument(..., help="Device ids whose retained state and command to clear."),
         broker: str = BROKER, prefix: str = PREFIX, protocol: str = PROTOCOL, ca: Path | None = CA,
         cert: Path | None = CERT, tls_key: Path | None = TLS_KEY, username: str | None = USERNAME,
-        password: str | None = PASSWORD, as_json: bool = JSON_OPT,
+        password: str | None = PASSWORD, as_json: bool = JSON_OPT, node: list[str] = NODES,
     ) -> None:  # fmt: skip
         """Clear retired devices' retained state and command (nobody waits for them any more)."""
         from edgepack.fleet.registry import forget_devices
 
         options = _operator_options(broker, "fleet", protocol, ca, cert, tls_key, username, password)
-        known = forget_devices(devices, options, prefix=prefix)
+        known = forget_devices(devices, options, prefix=prefix,
+                               nodes=_nodes(node, "fleet", protocol, ca, cert, tls_key, username, password))  # fmt: skip
         if as_json:
             typer.echo(json.dumps({"forgotten": known}, indent=2))
             return
@@ -154,7 +214,7 @@ def register(app: typer.Typer) -> None:
         key: list[Path] = KEYS, journal_path: Path | None = JOURNAL,
         broker: str = BROKER, prefix: str = PREFIX, protocol: str = PROTOCOL, ca: Path | None = CA,
         cert: Path | None = CERT, tls_key: Path | None = TLS_KEY, username: str | None = USERNAME,
-        password: str | None = PASSWORD, as_json: bool = JSON_OPT,
+        password: str | None = PASSWORD, as_json: bool = JSON_OPT, node: list[str] = NODES,
     ) -> None:  # fmt: skip
         """Roll a bundle out to a group in waves (or at a rate) with gates, abort rules and a journal."""
         from edgepack.fleet.engine import create_rollout
@@ -187,7 +247,8 @@ def register(app: typer.Typer) -> None:
                                      "operator drives a journal's rollouts (give another --journal)")  # fmt: skip
         rid = create_rollout(journal, bundle, selector=group, plan=plan, prefix=prefix, rollout_id=rollout_id)
         err_console.print(f"rollout [bold]{rid}[/] ({plan.describe()}); journal {journal.path}")
-        rollout = _run_engine(journal, rid, options, key, as_json)
+        nodes = _nodes(node, "rollout", protocol, ca, cert, tls_key, username, password)
+        rollout = _run_engine(journal, rid, options, key, as_json, nodes)
         if not as_json:
             _print_status(journal, rollout, False, devices=True)
         if rollout.status != "completed" or any(
@@ -201,7 +262,7 @@ def register(app: typer.Typer) -> None:
         key: list[Path] = KEYS, journal_path: Path | None = JOURNAL,
         broker: str = BROKER, protocol: str = PROTOCOL, ca: Path | None = CA,
         cert: Path | None = CERT, tls_key: Path | None = TLS_KEY, username: str | None = USERNAME,
-        password: str | None = PASSWORD, as_json: bool = JSON_OPT,
+        password: str | None = PASSWORD, as_json: bool = JSON_OPT, node: list[str] = NODES,
     ) -> None:  # fmt: skip
         """Carry a rollout on (after pause, or after the operator was stopped or killed)."""
         from edgepack.errors import FleetError
@@ -217,7 +278,18 @@ def register(app: typer.Typer) -> None:
             err_console.print(f"operator {holder} runs rollout {rollout.id}; it carries on")
             return
         options = _operator_options(broker, "rollout", protocol, ca, cert, tls_key, username, password)
-        rollout = _run_engine(journal, rollout.id, options, key, as_json)
+        nodes = _nodes(node, "rollout", protocol, ca, cert, tls_key, username, password)
+        if rollout.kind == "rollback":
+            from edgepack.fleet.rollback import run_rollback
+            from edgepack.keys import SigningKey
+
+            outcomes = run_rollback(journal, rollout.id, options=options, keys=[SigningKey.load(k) for k in key],
+                                    nodes=nodes)  # fmt: skip
+            _print_rollback(rollout.model, outcomes, as_json)
+            if any(o.outcome not in ("committed", "skipped") for o in outcomes):
+                raise typer.Exit(1)
+            return
+        rollout = _run_engine(journal, rollout.id, options, key, as_json, nodes)
         if not as_json:
             _print_status(journal, rollout, False)
         if rollout.status != "completed":
@@ -278,24 +350,25 @@ def register(app: typer.Typer) -> None:
         model: str = typer.Option(..., "--model", help="The model to roll back."),
         to: str | None = typer.Option(None, "--to", help="Only devices whose kept previous version is this."),
         timeout: float = typer.Option(120.0, "--timeout", help="Seconds to wait for the devices' results."),
-        key: list[Path] = KEYS, broker: str = BROKER, prefix: str = PREFIX, protocol: str = PROTOCOL,
+        rollback_id: str | None = typer.Option(None, "--id", help="Rollback id in the journal (default: generated)."),
+        key: list[Path] = KEYS, journal_path: Path | None = JOURNAL,
+        broker: str = BROKER, prefix: str = PREFIX, protocol: str = PROTOCOL,
         ca: Path | None = CA, cert: Path | None = CERT, tls_key: Path | None = TLS_KEY,
         username: str | None = USERNAME, password: str | None = PASSWORD, as_json: bool = JSON_OPT,
+        node: list[str] = NODES,
     ) -> None:  # fmt: skip
-        """Send signed rollback commands: each device goes back to the previous version it keeps."""
+        """Send signed rollback commands (journaled): each device goes back to the previous version it keeps;
+        with --to, a device that does not hold that version is refused, saying what it holds."""
         from edgepack.fleet.rollback import rollback
         from edgepack.fleet.selectors import Selector
         from edgepack.keys import SigningKey
 
         options = _operator_options(broker, "rollback", protocol, ca, cert, tls_key, username, password)
+        journal = _journal(journal_path)
         outcomes = rollback(options, selector=Selector.parse(group), model=model, to_version=to, prefix=prefix,
-                            keys=[SigningKey.load(k) for k in key], timeout=timeout)  # fmt: skip
-        if as_json:
-            typer.echo(json.dumps([vars(o) for o in outcomes], indent=2))
-        else:
-            table = Table("device", "outcome", "from", "to", "reason", title=f"rollback of {model}")
-            for o in outcomes:
-                table.add_row(o.device, o.outcome, o.from_version or "-", o.to_version or "-", o.reason or "")
-            console.print(table)
+                            keys=[SigningKey.load(k) for k in key], timeout=timeout, journal=journal,
+                            rollback_id=rollback_id,
+                            nodes=_nodes(node, "rollback", protocol, ca, cert, tls_key, username, password))  # fmt: skip
+        _print_rollback(model, outcomes, as_json)
         if any(o.outcome not in ("committed", "skipped") for o in outcomes):
             raise typer.Exit(1)

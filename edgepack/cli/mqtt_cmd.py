@@ -133,12 +133,42 @@ def register(app: typer.Typer) -> None:
         username: str | None = USERNAME,
         password: str | None = PASSWORD,
         as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+        capture: Path | None = typer.Option(
+            None,
+            "--capture",
+            exists=True,
+            dir_okay=False,
+            help="With --device: also turn data capture of the bundle's model on (TOML, docs/capture.md).",
+        ),
+        journal_path: Path | None = typer.Option(
+            None,
+            "--journal",
+            envvar="EDGEPACK_FLEET_JOURNAL",
+            help="Fleet journal whose counter orders commands (default ~/.local/state/edgepack/fleet.sqlite).",
+        ),
     ) -> None:
         """Publish a bundle once and a signed install command to a device or a group."""
         from edgepack.fleet.deploy import DeployObserver, RichProgressObserver, deploy
+        from edgepack.fleet.journal import Journal, default_journal
         from edgepack.keys import SigningKey
 
+        journal = Journal(journal_path or default_journal())
+        try:
+            seq = journal.next_command_seq()  # ordered by the operators' shared counter, not a clock
+        finally:
+            journal.close()
+
         options = _operator_options(broker, "deploy", protocol, ca, cert, tls_key, username, password)
+        if capture is not None:  # the capture opt-in goes out first: the new model captures from its first request
+            from edgepack.bundle import read_info
+            from edgepack.cli.capture_cmd import read_capture_settings
+            from edgepack.errors import ConfigError
+            from edgepack.fleet.capture import send_capture_config
+
+            if device is None:
+                raise ConfigError("--capture configures one device: give --device (or use `fleet capture set`)")
+            send_capture_config(options, device, read_info(bundle).manifest.name, read_capture_settings(capture),
+                                [SigningKey.load(k) for k in key], prefix=prefix)  # fmt: skip
         observer = RichProgressObserver(err_console) if wait and not as_json else DeployObserver()
         report = deploy(
             bundle,
@@ -153,6 +183,7 @@ def register(app: typer.Typer) -> None:
             ttl=timedelta(hours=ttl_hours),
             observer=observer,
             offline_grace=offline_grace,
+            seq=seq,
         )
         if as_json:
             typer.echo(

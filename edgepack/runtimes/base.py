@@ -36,9 +36,14 @@ class RuntimeOptions:
     ``threads``: intra-op threads (None: the runtime's default). ``allow_accelerators``: False keeps a
     model on the CPU even where the bundle's plan asks for a GPU/NPU. ``cache_dir``: where a runtime may
     keep compiled engines/caches between boots (TensorRT engines, OpenVINO model cache).
+    ``inter_threads``: inter-op threads (None: the runtime's default). ``spinning``: False stops idle
+    runtime threads from busy-waiting (and OpenVINO from pinning cores), for models that share few cores
+    (:mod:`~edgepack.runtimes.threads`); None: the runtime's default.
     """
 
     threads: int | None = None
+    inter_threads: int | None = None
+    spinning: bool | None = None
     allow_accelerators: bool = True
     cache_dir: Path | None = None
     extra: Mapping[str, Any] = field(default_factory=dict)

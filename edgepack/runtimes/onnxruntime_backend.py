@@ -276,7 +276,13 @@ def _session_options(ort: Any, execution: Mapping[str, Any], options: RuntimeOpt
     session_options = ort.SessionOptions()
     if options.threads is not None:
         session_options.intra_op_num_threads = options.threads
-        session_options.inter_op_num_threads = 1
+        session_options.inter_op_num_threads = options.inter_threads or 1
+    elif options.inter_threads is not None:
+        session_options.inter_op_num_threads = options.inter_threads
+    if options.spinning is not None:  # idle pool threads busy-wait by default: a cost when models share cores
+        flag = "1" if options.spinning else "0"
+        session_options.add_session_config_entry("session.intra_op.allow_spinning", flag)
+        session_options.add_session_config_entry("session.inter_op.allow_spinning", flag)
     level = execution.get("graph_optimization_level")
     if level is not None:
         session_options.graph_optimization_level = _optimization_level(ort, level)

@@ -200,6 +200,9 @@ def compile_config(execution: Mapping[str, Any], options: RuntimeOptions) -> dic
     }
     if options.threads is not None:
         config["INFERENCE_NUM_THREADS"] = int(options.threads)
+    if options.spinning is False:  # models sharing few cores: no core pinning, one stream each
+        config["ENABLE_CPU_PINNING"] = False
+        config["NUM_STREAMS"] = 1
     if options.cache_dir is not None:
         cache = Path(options.cache_dir) / "openvino"
         cache.mkdir(parents=True, exist_ok=True)

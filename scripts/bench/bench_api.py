@@ -2,20 +2,21 @@
 
 One run measures, side by side:
 
-- ``raw``: ``model.infer`` called in this process (threads for concurrency > 1);
-- ``edgepack`` binary and JSON: tritonclient round trips to our API, served by a subprocess;
-- ``mlserver``: MLServer (installed in its own venv, /work/venvs/mlserver, as it pins other deps)
-  serving the same tiny model through a small custom ``MLModel`` runtime, same load client.
+- ``raw``: the onnxruntime session called in this process (threads for concurrency > 1): the physical limit;
+- ``edgepack`` binary and JSON: HTTP round trips to our API, served by a subprocess;
+- ``mlserver``: MLServer 1.7.1 (its own venv, ``.bench-venvs/mlserver``, made on first use by
+  ``peer_mlserver``) serving the same ONNX files through a ~40-line onnxruntime ``MLModel``; JSON only
+  (MLServer's REST API has no binary tensor extension).
 
-on (a) a tiny model (x[1,16] @ W[16,8] + b, numpy) and (b) a heavy one (an onnxruntime CNN made with
-onnx.helper, ~15–20 ms a call here). The load client is tritonclient's HTTP client; concurrency N is N gevent
-greenlets sharing a client with an N-connection pool. Results go to scripts/bench/results/api.{json,md}.
+on (a) a tiny ONNX model (x[1,16] @ W[16,8] + b: overhead-dominated) and (b) a ResNet-style CNN (made
+with onnx.helper, or ``--heavy-model``), every session with 1 intra-op thread and spinning off. The load
+client is tritonclient's request encoder with geventhttpclient: concurrency N is N greenlets, each with
+its own connection and its request body encoded once (so the client on these shared cores costs little).
+Server CPU per request is the server's (and its children's) user+system time from /proc over the window,
+divided by the requests served. Results go to scripts/bench/results/api.{json,md}; ``bench(quick)`` gives
+the runner's section.
 
-    .venv/bin/python scripts/bench/bench_api.py [--duration 3] [--mlserver-venv /work/venvs/mlserver]
-
-MLServer's venv: ``python -m venv /work/venvs/mlserver && /work/venvs/mlserver/bin/pip install mlserver
-"uvloop<0.22"`` (MLServer 1.7.1's inference worker processes crash with uvloop 0.22, SeldonIO/MLServer#2286).
-Where it is missing the table says so instead of showing figures.
+    .venv/bin/python scripts/bench/bench_api.py [--duration 3] [--no-mlserver]
 
 Both servers and the client share this machine's cores, so absolute figures are lower than on a device
 with the client elsewhere; compare rows of one run, not runs of different machines.
@@ -26,14 +27,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
-import platform
 import shutil
 import socket
 import subprocess
 import sys
 import tempfile
-import textwrap
 import threading
 import time
 from collections.abc import Callable
@@ -45,13 +43,14 @@ import numpy as np
 
 log = logging.getLogger("bench_api")
 HERE = Path(__file__).resolve().parent
-RESULTS = HERE / "results"
 REPO = HERE.parents[1]
 sys.path.insert(0, str(HERE))
 from cnn import resnet_like  # noqa: E402
+from results import RESULTS, machine  # noqa: E402
 
 TINY_IN, TINY_OUT = 16, 8
 CONCURRENCY = (1, 4, 16)
+ORT_THREADS = 1
 
 
 # --- models --------------------------------------------------------------------------------------
@@ -60,6 +59,29 @@ CONCURRENCY = (1, 4, 16)
 def tiny_weights() -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng(0)
     return rng.standard_normal((TINY_IN, TINY_OUT)).astype(np.float32), rng.standard_normal(TINY_OUT).astype(np.float32)
+
+
+def tiny_model() -> Path:
+    """The tiny model as ONNX (MatMul + Add), so every server runs it in the same onnxruntime build."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    path = REPO / ".cache" / "bench" / "tiny_linear.onnx"
+    if path.exists():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    w, b = tiny_weights()
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["xw"]), helper.make_node("Add", ["xw", "b"], ["y"])],
+        "tiny",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", TINY_IN])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", TINY_OUT])],
+        [numpy_helper.from_array(w, "w"), numpy_helper.from_array(b, "b")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, path)
+    return path
 
 
 def heavy_model(path: Path | None) -> Path:
@@ -88,35 +110,32 @@ class BenchModel:
         return self.fn(inputs)
 
 
-def make_models(heavy: Path) -> dict[str, BenchModel]:
+def onnx_model(name: str, path: Path) -> BenchModel:
+    """An onnxruntime session on ``path`` as a ServedModel: 1 intra-op thread, no spinning (the settings
+    the MLServer runtime uses too)."""
     import onnxruntime as ort
 
     from edgepack.manifest import TensorSpec
 
-    w, b = tiny_weights()
     options = ort.SessionOptions()
+    options.intra_op_num_threads = ORT_THREADS
+    options.inter_op_num_threads = 1
     # no busy-waiting worker threads: on 2 cores they would steal the CPU the HTTP path needs
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    session = ort.InferenceSession(str(heavy), options, providers=["CPUExecutionProvider"])
-    heavy_in, heavy_out = session.get_inputs()[0], session.get_outputs()[0]
-    return {
-        "tiny": BenchModel(
-            "tiny",
-            "1.0.0",
-            "numpy",
-            [TensorSpec(name="x", dtype="float32", shape=["batch", TINY_IN])],
-            [TensorSpec(name="y", dtype="float32", shape=["batch", TINY_OUT])],
-            lambda i: {"y": i["x"] @ w + b},
-        ),
-        "heavy": BenchModel(
-            "heavy",
-            "1.0.0",
-            "onnxruntime_onnx",
-            [TensorSpec(name=heavy_in.name, dtype="float32", shape=_dims(heavy_in.shape))],
-            [TensorSpec(name=heavy_out.name, dtype="float32", shape=_dims(heavy_out.shape))],
-            lambda i: {heavy_out.name: session.run(None, {heavy_in.name: i[heavy_in.name]})[0]},
-        ),
-    }
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    first_in, first_out = session.get_inputs()[0], session.get_outputs()[0]
+    return BenchModel(
+        name,
+        "1.0.0",
+        "onnxruntime_onnx",
+        [TensorSpec(name=first_in.name, dtype="float32", shape=_dims(first_in.shape))],
+        [TensorSpec(name=first_out.name, dtype="float32", shape=_dims(first_out.shape))],
+        lambda i: {first_out.name: session.run([first_out.name], {first_in.name: i[first_in.name]})[0]},
+    )
+
+
+def make_models(heavy: Path) -> dict[str, BenchModel]:
+    return {"tiny": onnx_model("tiny", tiny_model()), "heavy": onnx_model("heavy", heavy)}
 
 
 def _dims(shape: list[Any]) -> list[int | str]:
@@ -147,17 +166,34 @@ class Row:
     rps: float = 0.0
     p50_ms: float = 0.0
     p99_ms: float = 0.0
+    server_cpu_ms_per_req: float | None = None
+    failed: int = 0
     note: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
 
 
 def _fill(row: Row, latencies: list[float], window: float) -> Row:
+    row.extra["latencies_s"], row.extra["window_s"] = latencies, window  # for merging rounds (``merge_rounds``)
     if latencies:
         lat = np.array(latencies) * 1e3
         row.requests = len(latencies)
         row.rps = round(len(latencies) / window, 1)
         row.p50_ms = round(float(np.percentile(lat, 50)), 3)
         row.p99_ms = round(float(np.percentile(lat, 99)), 3)
+    return row
+
+
+def merge_rounds(rounds: list[Row]) -> Row:
+    """One row from the same measurement repeated in rounds: latencies pooled, windows and CPU added up."""
+    first = rounds[0]
+    row = Row(first.model, first.path, first.mode, first.concurrency, note=next((r.note for r in rounds if r.note), ""))
+    latencies = [v for r in rounds for v in r.extra.get("latencies_s", [])]
+    _fill(row, latencies, sum(r.extra.get("window_s", 0.0) for r in rounds))
+    row.failed = sum(r.failed for r in rounds)
+    cpu = [(r.server_cpu_ms_per_req, r.requests) for r in rounds if r.server_cpu_ms_per_req is not None]
+    if cpu and row.requests:
+        row.server_cpu_ms_per_req = round(sum(c * n for c, n in cpu) / sum(n for _, n in cpu), 3)
+    row.extra = {"rounds": len(rounds)}
     return row
 
 
@@ -186,6 +222,66 @@ def measure_raw(
     return _fill(Row(model.name, "raw", "in-process", concurrency), latencies, duration)
 
 
+def server_cpu_s(pid: int | None) -> float:
+    """User + system CPU seconds of process ``pid`` and its live children, from /proc (psutil)."""
+    import psutil
+
+    if pid is None:
+        return 0.0
+    try:
+        proc = psutil.Process(pid)
+        total = sum(proc.cpu_times()[:2])
+        for child in proc.children(recursive=True):
+            try:
+                total += sum(child.cpu_times()[:2])
+            except psutil.NoSuchProcess:
+                continue
+        return total
+    except psutil.NoSuchProcess:
+        return 0.0
+
+
+def encoded_request(feed: tuple[str, np.ndarray, str], binary: bool) -> tuple[bytes, dict[str, str]]:
+    """The infer request body and headers, encoded once with tritonclient's own encoder."""
+    import tritonclient.http as httpclient
+
+    name, array, out_name = feed
+    inputs = [httpclient.InferInput(name, list(array.shape), "FP32").set_data_from_numpy(array, binary_data=binary)]
+    outputs = [httpclient.InferRequestedOutput(out_name, binary_data=binary)]
+    body, json_size = httpclient.InferenceServerClient.generate_request_body(inputs, outputs=outputs)
+    headers = {"Content-Type": "application/octet-stream" if json_size else "application/json"}
+    if json_size is not None:
+        headers["Inference-Header-Content-Length"] = str(json_size)
+    return body if isinstance(body, bytes) else body.encode(), headers
+
+
+def poster(url: str, model: str, feed: tuple[str, np.ndarray, str], binary: bool) -> tuple[Any, Any]:
+    """(connect, post): a new single-connection HTTP client, and one infer round trip on it with the body
+    encoded once here; ``post`` returns the output array (so a caller can check it)."""
+    import tritonclient.http as httpclient
+    from geventhttpclient import URL, HTTPClient
+
+    out_name = feed[2]
+    body, headers = encoded_request(feed, binary)
+    uri = f"/v2/models/{model}/infer"
+
+    def post(client: HTTPClient) -> np.ndarray:
+        response = client.post(uri, body=body, headers=headers)
+        data = response.read()
+        if response.status_code != 200:
+            raise RuntimeError(f"HTTP {response.status_code}: {data[:120]!r}")
+        header_length = response.get("Inference-Header-Content-Length")
+        result = httpclient.InferenceServerClient.parse_response_body(
+            data, header_length=int(header_length) if header_length else None
+        )
+        return result.as_numpy(out_name)
+
+    def connect() -> HTTPClient:
+        return HTTPClient.from_url(URL(f"http://{url}/"), concurrency=1, connection_timeout=60, network_timeout=60)
+
+    return connect, post
+
+
 def measure_api(
     url: str,
     path: str,
@@ -196,54 +292,69 @@ def measure_api(
     duration: float,
     warmup: float,
     expected: np.ndarray,
+    server_pid: int | None = None,
 ) -> Row:
+    """N greenlets, each with its own connection and the body encoded once, posting for ``duration`` s."""
     import gevent
-    import tritonclient.http as httpclient
 
     row = Row(model, path, "binary" if binary else "json", concurrency)
-    name, array, out_name = feed
-    client = httpclient.InferenceServerClient(url, concurrency=concurrency, connection_timeout=60, network_timeout=60)
-    inputs = [httpclient.InferInput(name, list(array.shape), "FP32").set_data_from_numpy(array, binary_data=binary)]
-    outputs = [httpclient.InferRequestedOutput(out_name, binary_data=binary)]
+    connect, post = poster(url, model, feed, binary)
+
     try:
-        first = client.infer(model, inputs, outputs=outputs).as_numpy(out_name)
-        np.testing.assert_allclose(first, expected, rtol=1e-4, atol=1e-5)
+        first_client = connect()
+        np.testing.assert_allclose(post(first_client), expected, rtol=1e-4, atol=1e-5)
+        first_client.close()
     except Exception as exc:  # a server that cannot do this mode: say so in the table
         row.note = f"failed: {str(exc).splitlines()[0][:140]}"
-        client.close()
         return row
     latencies: list[float] = []
+    failures = [0]
     start = time.perf_counter()
     measure_from, stop_at = start + warmup, start + warmup + duration
+    cpu_marks: list[float] = []
 
     def worker() -> None:
+        client = connect()
         while (t0 := time.perf_counter()) < stop_at:
-            client.infer(model, inputs, outputs=outputs)
+            try:
+                post(client)
+            except Exception:  # counted, and the connection made anew
+                failures[0] += 1
+                client.close()
+                client = connect()
+                continue
             if t0 >= measure_from:
                 latencies.append(time.perf_counter() - t0)
+        client.close()
 
-    gevent.joinall([gevent.spawn(worker) for _ in range(concurrency)], raise_error=True)
-    client.close()
-    return _fill(row, latencies, duration)
+    def cpu_probe() -> None:
+        gevent.sleep(max(0.0, measure_from - time.perf_counter()))
+        cpu_marks.append(server_cpu_s(server_pid))
+        gevent.sleep(max(0.0, stop_at - time.perf_counter()))
+        cpu_marks.append(server_cpu_s(server_pid))
+
+    gevent.joinall([gevent.spawn(worker) for _ in range(concurrency)] + [gevent.spawn(cpu_probe)], raise_error=True)
+    row.failed = failures[0]
+    _fill(row, latencies, duration)
+    if server_pid is not None and len(cpu_marks) == 2 and row.requests:
+        row.server_cpu_ms_per_req = round(1e3 * (cpu_marks[1] - cpu_marks[0]) / row.requests, 3)
+    return row
 
 
 def measure_paired(
     url: str, model: BenchModel, feed: tuple[str, np.ndarray, str], pairs: int, warmup: int = 10
 ) -> tuple[Row, Row]:
     """Concurrency 1, raw call and binary API call alternating, so drift on a noisy machine hits both alike."""
-    import tritonclient.http as httpclient
-
-    name, array, out_name = feed
-    client = httpclient.InferenceServerClient(url)
-    inputs = [httpclient.InferInput(name, list(array.shape), "FP32").set_data_from_numpy(array, binary_data=True)]
-    outputs = [httpclient.InferRequestedOutput(out_name, binary_data=True)]
+    name, array, _ = feed
+    connect, post = poster(url, model.name, feed, True)
+    client = connect()
     raw_lat: list[float] = []
     api_lat: list[float] = []
     for i in range(warmup + pairs):
         t0 = time.perf_counter()
         model.infer({name: array})
         t1 = time.perf_counter()
-        client.infer(model.name, inputs, outputs=outputs)
+        post(client)
         t2 = time.perf_counter()
         if i >= warmup:
             raw_lat.append(t1 - t0)
@@ -306,113 +417,116 @@ def serve_edgepack(port: int, workers: int, heavy: Path) -> None:
     serve(StaticRepository(make_models(heavy).values()), port=port, workers=workers)
 
 
-MLSERVER_RUNTIME = """
-import numpy as np
-from mlserver import MLModel
-from mlserver.codecs import NumpyCodec
-from mlserver.types import InferenceRequest, InferenceResponse
-
-
-class TinyModel(MLModel):
-    async def load(self) -> bool:
-        rng = np.random.default_rng(0)
-        self.w = rng.standard_normal(({n_in}, {n_out})).astype(np.float32)
-        self.b = rng.standard_normal({n_out}).astype(np.float32)
-        return True
-
-    async def predict(self, payload: InferenceRequest) -> InferenceResponse:
-        x = NumpyCodec.decode_input(payload.inputs[0])
-        y = x @ self.w + self.b
-        return InferenceResponse(model_name=self.name, outputs=[NumpyCodec.encode_output("y", y)])
-"""
-
-
-def start_mlserver(venv: Path, port: int, workdir: Path, parallel_workers: int) -> subprocess.Popen[bytes]:
-    (workdir / "bench_runtime.py").write_text(textwrap.dedent(MLSERVER_RUNTIME).format(n_in=TINY_IN, n_out=TINY_OUT))
-    settings = {
-        "http_port": port,
-        "grpc_port": free_port(),
-        "metrics_port": free_port(),
-        "parallel_workers": parallel_workers,
-        "host": "127.0.0.1",
-    }
-    (workdir / "settings.json").write_text(json.dumps(settings))
-    (workdir / "model-settings.json").write_text(
-        json.dumps({"name": "tiny", "implementation": "bench_runtime.TinyModel"})
-    )
-    log = open(workdir / "mlserver.log", "wb")  # noqa: SIM115 - kept open for the server's lifetime
-    return subprocess.Popen(
-        [str(venv / "bin" / "mlserver"), "start", str(workdir)], cwd=workdir, stdout=log, stderr=subprocess.STDOUT
-    )
-
-
 # --- the run -------------------------------------------------------------------------------------
 
 
-def run(duration: float, warmup: float, mlserver_venv: Path, workers: int, heavy: Path, image: int) -> list[Row]:
+@dataclass
+class Settings:
+    duration: float = 1.5
+    warmup: float = 0.5
+    workers: int = 4
+    heavy: Path | None = None
+    image: int = 224
+    mlserver: bool = True
+    pairs: int = 150
+    rounds: int = 3  # each row is measured in this many rounds of ``duration`` s, the paths taking turns
+
+
+def run(settings: Settings) -> tuple[list[Row], dict[str, Any]]:
+    """Every row, side by side: both servers up at once and, per model and concurrency, the raw call, edgepack
+    binary, edgepack JSON and MLServer JSON one after the other (an idle server costs nothing), so a noisy
+    machine's drift hits every path of a comparison alike. Also what the peer was (version, or why not run)."""
+    heavy = heavy_model(settings.heavy)
     models = make_models(heavy)
-    data = feeds(models, image)
+    data = feeds(models, settings.image)
     expected = {m: models[m].infer({data[m][0]: data[m][1]})[data[m][2]] for m in data}
+    files = {"tiny": tiny_model(), "heavy": heavy}
+    duration, warmup = settings.duration, settings.warmup
     rows: list[Row] = []
+    peer: dict[str, Any] = {"mlserver": None}
     port = free_port()
-    proc = start_edgepack(port, workers, heavy)
+    proc = start_edgepack(port, settings.workers, heavy)
+    ml_proc, ml_url, ml_workdir = None, None, Path(tempfile.mkdtemp(prefix="bench-mlserver-"))
     try:
-        wait_ready(f"127.0.0.1:{port}", proc, 60, ["tiny", "heavy"])
-        for name in ("tiny", "heavy"):  # raw rows next to the API rows of the same model (an idle server costs nothing)
-            feed = {data[name][0]: data[name][1]}
+        wait_ready(f"127.0.0.1:{port}", proc, 60, list(files))
+        if settings.mlserver:
+            ml_proc, ml_url, peer = start_peer(files, ml_workdir)
+        else:
+            peer["mlserver_note"] = "not run (--no-mlserver)"
+        for name in files:
             for c in CONCURRENCY:
-                rows.append(measure_raw(models[name], feed, c, duration, warmup))
-                log.info("raw %s c%d: %.0f rps", name, c, rows[-1].rps)
-            for binary in (True, False):
-                for c in CONCURRENCY:
-                    row = measure_api(
-                        f"127.0.0.1:{port}", "edgepack", name, data[name], binary, c, duration, warmup, expected[name]
+                rounds: dict[str, list[Row]] = {}
+                for _ in range(settings.rounds):  # the paths in turn, a few times: a burst of noise hits one round
+                    one = [measure_raw(models[name], {data[name][0]: data[name][1]}, c, duration, warmup)]
+                    for binary in (True, False):
+                        one.append(
+                            measure_api(
+                                f"127.0.0.1:{port}",
+                                "edgepack",
+                                name,
+                                data[name],
+                                binary,
+                                c,
+                                duration,
+                                warmup,
+                                expected[name],
+                                proc.pid,
+                            )
+                        )
+                    if ml_url:
+                        one.append(
+                            measure_api(
+                                ml_url,
+                                "mlserver",
+                                name,
+                                data[name],
+                                False,
+                                c,
+                                duration,
+                                warmup,
+                                expected[name],
+                                ml_proc.pid,
+                            )
+                        )
+                    for row in one:
+                        rounds.setdefault(f"{row.path} {row.mode}", []).append(row)
+                for same in rounds.values():
+                    rows.append(merge_rounds(same))
+                    log.info(
+                        "%s %s %s c%d: %.0f rps %s", name, rows[-1].path, rows[-1].mode, c, rows[-1].rps, rows[-1].note
                     )
-                    rows.append(row)
-                    log.info("edgepack %s %s c%d: %.0f rps %s", name, row.mode, c, row.rps, row.note)
-        rows.extend(measure_paired(f"127.0.0.1:{port}", models["heavy"], data["heavy"], pairs=150))
+        rows.extend(measure_paired(f"127.0.0.1:{port}", models["heavy"], data["heavy"], pairs=settings.pairs))
         log.info("paired heavy: raw p50 %.2f ms, API p50 %.2f ms", rows[-2].p50_ms, rows[-1].p50_ms)
     finally:
         stop(proc)
-    rows += run_mlserver(mlserver_venv, data["tiny"], expected["tiny"], duration, warmup)
-    return rows
+        if ml_proc is not None:
+            stop(ml_proc)
+        shutil.rmtree(ml_workdir, ignore_errors=True)
+    return rows, peer
 
 
-def run_mlserver(
-    venv: Path, feed: tuple[str, np.ndarray, str], expected: np.ndarray, duration: float, warmup: float
-) -> list[Row]:
-    if not (venv / "bin" / "mlserver").exists():
-        return [Row("tiny", "mlserver", "binary", 16, note=f"not run: MLServer is not installed in {venv}")]
-    rows: list[Row] = []
-    for parallel_workers in (1, 0):  # 1 is MLServer's default (inference in a worker process); 0: in-process
-        port = free_port()
-        workdir = Path(tempfile.mkdtemp(prefix="bench-mlserver-"))
-        proc = start_mlserver(venv, port, workdir, parallel_workers)
-        try:
-            wait_ready(f"127.0.0.1:{port}", proc, 90, ["tiny"])
-            for binary, c in ((True, 16), (False, 16), (False, 1)):
-                row = measure_api(f"127.0.0.1:{port}", "mlserver", "tiny", feed, binary, c, duration, warmup, expected)
-                row.path = f"mlserver (parallel_workers={parallel_workers})"
-                if binary and row.note:
-                    row.note = f"unsupported: MLServer's REST API has no binary tensor data extension ({row.note})"
-                rows.append(row)
-                log.info("%s %s c%d: %.0f rps %s", row.path, row.mode, c, row.rps, row.note)
-        except RuntimeError as exc:
-            rows.append(Row("tiny", f"mlserver (parallel_workers={parallel_workers})", "binary", 16, note=str(exc)))
-        finally:
-            stop(proc)
-            shutil.rmtree(workdir, ignore_errors=True)
-    return rows
+def start_peer(
+    files: dict[str, Path], workdir: Path
+) -> tuple[subprocess.Popen[bytes] | None, str | None, dict[str, Any]]:
+    """MLServer (in-process inference, ``parallel_workers=0``: its fastest setting here) on the same files;
+    (process, url, what it is), or (None, None, why not)."""
+    import peer_mlserver
 
-
-def mlserver_version(venv: Path) -> str | None:
-    python = venv / "bin" / "python"
-    if not python.exists():
-        return None
-    out = subprocess.run(
-        [str(python), "-c", "import mlserver; print(mlserver.__version__)"], capture_output=True, text=True
-    )
-    return out.stdout.strip() or None
+    try:
+        venv = peer_mlserver.ensure_venv()
+    except peer_mlserver.PeerUnavailable as exc:
+        return None, None, {"mlserver": None, "mlserver_note": str(exc)}
+    peer = {"mlserver": peer_mlserver.version(venv), "mlserver_settings": "parallel_workers=0, 1 intra-op thread"}
+    port = free_port()
+    proc = peer_mlserver.start(venv, port, files, workdir, parallel_workers=0, threads=ORT_THREADS)
+    try:
+        wait_ready(f"127.0.0.1:{port}", proc, 120, list(files))
+    except RuntimeError as exc:
+        stop(proc)
+        log_file = workdir / "mlserver.log"
+        tail = log_file.read_text(errors="replace")[-300:] if log_file.exists() else ""
+        return None, None, {"mlserver": None, "mlserver_note": f"MLServer did not start: {exc}; log: {tail}"}
+    return proc, f"127.0.0.1:{port}", peer
 
 
 def _find(rows: list[Row], model: str, path: str, mode: str, c: int) -> Row | None:
@@ -422,76 +536,140 @@ def _find(rows: list[Row], model: str, path: str, mode: str, c: int) -> Row | No
     return None
 
 
-def goals(rows: list[Row]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    ml_c16 = [r for r in rows if r.path.startswith("mlserver") and r.concurrency == 16 and r.requests]
-    best_ml = max(ml_c16, key=lambda r: r.rps, default=None)
-    for mode in ("binary", "json"):
-        ours = _find(rows, "tiny", "edgepack", mode, 16)
-        if ours and best_ml:
-            ratio = ours.rps / best_ml.rps
-            out[f"tiny_c16_{mode}_vs_best_mlserver"] = {
-                "edgepack_rps": ours.rps,
-                "mlserver_rps": best_ml.rps,
-                "mlserver_row": f"{best_ml.path} {best_ml.mode}",
-                "ratio": round(ratio, 2),
-                "goal": ">= 2.0" if mode == "binary" else "(context)",
-                "met": ratio >= 2.0,
-            }
+def ratios(rows: list[Row]) -> list[dict[str, Any]]:
+    """The side-by-side ratios the goals are stated in (issue 19): throughput against MLServer on the tiny
+    model, CNN p50 against the raw runtime at concurrency 1."""
+    out: list[dict[str, Any]] = []
+    for c in CONCURRENCY:
+        ml = _find(rows, "tiny", "mlserver", "json", c)
+        for mode in ("binary", "json"):
+            ours = _find(rows, "tiny", "edgepack", mode, c)
+            if ours and ml:
+                goal = ">= 3" if c == 16 else "(context)"
+                out.append({"what": f"tiny req/s, edgepack {mode} / MLServer json, concurrency {c}",
+                            "value": round(ours.rps / ml.rps, 2), "goal": goal,
+                            "met": ours.rps / ml.rps >= 3 if c == 16 else None})  # fmt: skip
+    heavy_ml = _find(rows, "heavy", "mlserver", "json", 1)
+    heavy_ours = _find(rows, "heavy", "edgepack", "json", 1)
+    if heavy_ml and heavy_ours:
+        out.append({"what": "CNN p50, MLServer json / edgepack json, concurrency 1",
+                    "value": round(heavy_ml.p50_ms / heavy_ours.p50_ms, 2), "goal": "(context)", "met": None})  # fmt: skip
     pairs = [
         (
-            "binary_paired",
+            "binary, alternating calls",
             _find(rows, "heavy", "raw (paired)", "in-process", 1),
             _find(rows, "heavy", "edgepack (paired)", "binary", 1),
+            "<= 1.05",
         ),
-        ("binary", _find(rows, "heavy", "raw", "in-process", 1), _find(rows, "heavy", "edgepack", "binary", 1)),
-        ("json", _find(rows, "heavy", "raw", "in-process", 1), _find(rows, "heavy", "edgepack", "json", 1)),
+        (
+            "binary, rounds taking turns",
+            _find(rows, "heavy", "raw", "in-process", 1),
+            _find(rows, "heavy", "edgepack", "binary", 1),
+            "<= 1.05",
+        ),
+        ("json", _find(rows, "heavy", "raw", "in-process", 1), _find(rows, "heavy", "edgepack", "json", 1), None),
     ]
-    for mode, raw, api in pairs:
+    for mode, raw, api, goal in pairs:
         if raw and api:
-            overhead = (api.p50_ms - raw.p50_ms) / raw.p50_ms
-            out[f"heavy_c1_{mode}_p50_overhead"] = {
-                "raw_p50_ms": raw.p50_ms,
-                "api_p50_ms": api.p50_ms,
-                "overhead_pct": round(100 * overhead, 2),
-                "goal": "< 5%" if mode == "binary_paired" else "(context)",
-                "met": overhead < 0.05,
-            }
+            value = api.p50_ms / raw.p50_ms
+            met = value <= 1.05 if goal else None
+            if value < 0.95:  # a round trip cannot beat the call it wraps: the window's noise decided this one
+                goal, met = f"{goal or '(context)'}; below 1 = noise larger than the overhead", None
+            out.append(
+                {
+                    "what": f"CNN p50, edgepack {mode} / raw runtime, concurrency 1",
+                    "value": round(value, 3),
+                    "goal": goal or "(context)",
+                    "met": met,
+                }
+            )
     return out
 
 
-def markdown(rows: list[Row], meta: dict[str, Any], summary: dict[str, Any]) -> str:
-    lines = [
-        "# Local API benchmark",
-        "",
-        f"Machine: {meta['cpus']} CPUs, {meta['platform']}, Python {meta['python']}; client, servers and raw "
-        "calls share these cores. "
-        f"Each row: {meta['duration_s']} s measured after {meta['warmup_s']} s warm-up; tritonclient HTTP load client "
-        "(N gevent greenlets, N-connection pool). "
-        f"edgepack: {meta['edgepack_workers']} inference threads. MLServer: {meta['mlserver'] or 'not installed'}.",
-        "",
-        "| model | path | mode | conc. | req/s | p50 ms | p99 ms | note |",
-        "|---|---|---|---:|---:|---:|---:|---|",
-    ]
+COLUMNS = ["model", "path", "mode", "concurrency", "rps", "p50_ms", "p99_ms", "server_cpu_ms_per_req", "failed", "note"]
+
+
+def table_rows(rows: list[Row]) -> list[dict[str, Any]]:
+    out = []
     for r in rows:
-        rps = f"{r.rps:.0f}" if r.rps else "—"
-        p50 = f"{r.p50_ms:.2f}" if r.requests else "—"
-        p99 = f"{r.p99_ms:.2f}" if r.requests else "—"
-        lines.append(f"| {r.model} | {r.path} | {r.mode} | {r.concurrency} | {rps} | {p50} | {p99} | {r.note} |")
-    lines += ["", "## Goals", ""]
-    for key, value in summary.items():
-        lines.append(f"- `{key}`: {json.dumps(value)}")
-    if not summary:
-        lines.append("- not computed (rows missing)")
+        d = {k: v for k, v in asdict(r).items() if k in COLUMNS}
+        if not r.requests:
+            d.update(rps=None, p50_ms=None, p99_ms=None)
+        elif not r.rps:
+            d["rps"] = None
+        out.append(d)
+    return out
+
+
+def plots(rows: list[Row]) -> list[dict[str, Any]]:
+    specs = []
+    for model, label in (("tiny", "tiny model"), ("heavy", "ResNet-style CNN")):
+        series: dict[str, list[float | None]] = {}
+        for path, mode in (("raw", "in-process"), ("edgepack", "binary"), ("edgepack", "json"), ("mlserver", "json")):
+            values = [getattr(_find(rows, model, path, mode, c), "rps", None) for c in CONCURRENCY]
+            if any(values) and not (model == "tiny" and path == "raw"):  # raw tiny is 100x off the scale
+                series[f"{path} {mode}"] = values
+        specs.append({"kind": "bars", "file": f"serving_{model}_rps.png", "title": f"Requests/s, {label}",
+                      "ylabel": "requests/s", "groups": [f"concurrency {c}" for c in CONCURRENCY],
+                      "series": series})  # fmt: skip
+    return specs
+
+
+def section(rows: list[Row], peer: dict[str, Any], settings: Settings, heavy: Path) -> dict[str, Any]:
+    notes = [
+        "The tiny model's raw in-process rows (~100k+ calls/s) are left off the tiny plot; they are in the table.",
+        "The CNN's ≤ 5 % goal is read two ways: the '(paired)' rows call the runtime and the API one after the "
+        "other, 1:1 (drift hits both alike, but every API call follows a raw call in another process, so it "
+        "starts with cold caches on these 2 cores); the rounds rows measure each path for a window in turn "
+        "(steady state, coarser interleaving). Where they disagree the machine's noise is larger than the "
+        "overhead being measured.",
+        f"MLServer: {peer.get('mlserver') or 'not run'} ({peer.get('mlserver_settings') or peer.get('mlserver_note')}); "
+        "its venv: .bench-venvs/mlserver (mlserver==1.7.1, uvloop<0.22, our onnxruntime), its runtime: "
+        "scripts/bench/peer_mlserver/runtime.py. It has no binary tensor extension, so its rows are JSON only.",
+    ]
+    if peer.get("mlserver") and peer.get("mlserver_note"):
+        notes.append(f"MLServer problem: {peer['mlserver_note']}")
+    return {
+        "title": "Serving overhead: edgepack against the raw runtime and MLServer",
+        "method": (
+            f"each row {settings.rounds} rounds of {settings.duration} s measured after {settings.warmup} s "
+            "warm-up, the raw call, edgepack binary, edgepack JSON and MLServer JSON taking turns in every "
+            "round; load client: "
+            "tritonclient-encoded bodies (once per greenlet), geventhttpclient, one connection per "
+            f"greenlet, in this process; edgepack {settings.workers} inference threads; every onnxruntime "
+            f"session {ORT_THREADS} intra-op thread; CNN {heavy.name}; server CPU from /proc; client, "
+            "servers and raw calls share the machine's cores"
+        ),
+        "tables": [{"title": "Rows", "rows": table_rows(rows), "columns": COLUMNS}],
+        "ratios": ratios(rows),
+        "plots": plots(rows),
+        "notes": notes,
+        "versions": {"mlserver": peer["mlserver"]} if peer.get("mlserver") else {},
+    }
+
+
+def bench(quick: bool) -> dict[str, Any]:
+    settings = Settings(duration=0.5, warmup=0.2, pairs=40, rounds=2) if quick else Settings()
+    rows, peer = run(settings)
+    return section(rows, peer, settings, heavy_model(settings.heavy))
+
+
+def markdown(result: dict[str, Any]) -> str:
+    import report
+
+    lines = [f"# {result['title']}", "", result["method"], ""]
+    lines += report.table([{"ratio": r["what"], "value": r["value"], "goal": r["goal"]} for r in result["ratios"]])
+    lines += [""] + report.table(result["tables"][0]["rows"], COLUMNS) + [""] + [f"- {n}" for n in result["notes"]]
     return "\n".join(lines) + "\n"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--duration", type=float, default=3.0, help="seconds measured per row")
+    parser.add_argument("--duration", type=float, default=1.5, help="seconds measured per row and round")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds per row, the paths taking turns")
     parser.add_argument("--warmup", type=float, default=0.5, help="seconds of warm-up per row")
     parser.add_argument("--workers", type=int, default=4, help="edgepack inference threads")
-    parser.add_argument("--mlserver-venv", type=Path, default=Path("/work/venvs/mlserver"))
+    parser.add_argument("--no-mlserver", action="store_true", help="skip the MLServer rows")
     parser.add_argument("--heavy-model", type=Path, help="ONNX model for the heavy rows (default: a generated CNN)")
     parser.add_argument("--heavy-image", type=int, default=224, help="side of the heavy model's image when dynamic")
     parser.add_argument("--serve", type=int, metavar="PORT", help=argparse.SUPPRESS)  # the server subprocess
@@ -500,28 +678,15 @@ def main() -> None:
     if args.serve:
         serve_edgepack(args.serve, args.workers, heavy_model(args.heavy_model))
         return
-    started = time.monotonic()
-    heavy = heavy_model(args.heavy_model)
-    rows = run(args.duration, args.warmup, args.mlserver_venv, args.workers, heavy, args.heavy_image)
-    meta = {
-        "cpus": os.cpu_count(),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "duration_s": args.duration,
-        "warmup_s": args.warmup,
-        "edgepack_workers": args.workers,
-        "mlserver": mlserver_version(args.mlserver_venv),
-        "heavy_model": heavy.name,
-        "heavy_image": args.heavy_image,
-        "wall_s": round(time.monotonic() - started, 1),
-    }
-    summary = goals(rows)
+    settings = Settings(args.duration, args.warmup, args.workers, args.heavy_model, args.heavy_image,
+                        not args.no_mlserver, rounds=args.rounds)  # fmt: skip
+    rows, peer = run(settings)
+    result = section(rows, peer, settings, heavy_model(args.heavy_model))
+    result["machine"] = machine()
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "api.json").write_text(
-        json.dumps({"meta": meta, "rows": [asdict(r) for r in rows], "goals": summary}, indent=2) + "\n"
-    )
-    (RESULTS / "api.md").write_text(markdown(rows, meta, summary))
-    print(markdown(rows, meta, summary))
+    (RESULTS / "api.json").write_text(json.dumps(result, indent=2) + "\n")
+    (RESULTS / "api.md").write_text(markdown(result))
+    print(markdown(result))
 
 
 if __name__ == "__main__":

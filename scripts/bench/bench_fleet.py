@@ -21,6 +21,13 @@ the stand-in runtime, which loads nothing); the operator is a separate ``edgepac
 Writes scripts/bench/results/fleet.json, fleet.md and fleet.png.
 
     .venv/bin/python scripts/bench/bench_fleet.py [--devices 100 300 1000] [--size-mb 5]
+
+``--rabbit N``: instead, a two-node RabbitMQ cluster (``tests/fleet/rabbit.py``; MQTT 3.1.1) with N
+simulated devices all on node B (state heartbeat 2 s) and the operator on node A, twice: with
+``--node B`` (every retained message written on both nodes) and with node A only (the devices' ``need``
+path). Measured: wall, the devices' needs, what the operator published again, and the operator's upload
+(the bundle once per node plus republished chunks, counted by the operator; RabbitMQ 3.10 lists no
+per-connection byte counters for MQTT clients). Writes results/fleet_cluster.json and .md.
 """
 
 from __future__ import annotations
@@ -89,6 +96,7 @@ def run_one(n: int, work: Path, broker: Mosquitto, trust: Path, key_file: Path, 
     with Simulator(spec):
         sim_start_s = time.monotonic() - started_sim
         before = counters.fresh()
+        load_before = os.getloadavg()[0]
         started = time.monotonic()
         operator = subprocess.Popen(
             [sys.executable, "-m", "edgepack", "fleet", "rollout", str(bundle), "--group", "group=sim",
@@ -98,6 +106,7 @@ def run_one(n: int, work: Path, broker: Mosquitto, trust: Path, key_file: Path, 
         )  # fmt: skip
         _, status, usage = os.wait4(operator.pid, 0)
         wall = time.monotonic() - started
+        load_after = os.getloadavg()[0]
         after = counters.fresh()
     rows = Journal(journal).counts(Journal(journal).rollouts(1)[0].id)
     shutil.rmtree(spec.root, ignore_errors=True)
@@ -116,6 +125,7 @@ def run_one(n: int, work: Path, broker: Mosquitto, trust: Path, key_file: Path, 
         "egress_mb": round((after["sent"] - before["sent"]) / 1e6, 1),
         "operator_cpu_s": round(usage.ru_utime + usage.ru_stime, 2),
         "operator_peak_rss_mb": round(usage.ru_maxrss / 1024, 1),
+        "host_load_1m": f"{load_before:.0f}→{load_after:.0f}",
     }
 
 
@@ -144,12 +154,76 @@ def plot(rows: list[dict], size_mb: float, out: Path) -> None:
     fig.savefig(out, dpi=110)
 
 
+def run_cluster(n: int, size_mb: float) -> None:
+    from edgepack.fleet.engine import RolloutEngine, create_rollout
+    from edgepack.fleet.plan import RolloutPlan, parse_waves
+    from tests.fleet.rabbit import RabbitCluster, find_rabbitmq
+
+    if find_rabbitmq() is None:
+        raise SystemExit("rabbitmq-server is not installed (apt-get install rabbitmq-server)")
+    work = Path(tempfile.mkdtemp(prefix="bench-fleet-rabbit-"))
+    cluster = RabbitCluster(work / "rabbit").start()
+    rows = []
+    try:
+        a, b = cluster.nodes
+        key = SigningKey.generate()
+        key.save(work / "keys", "release")
+        trust = TrustStore.init(work / "trust", [work / "keys" / "release.pub"]).directory
+        for variant, nodes in (("with --node B", [b.url]), ("node A only", [])):
+            prefix = f"rb{n}-{uuid.uuid4().hex[:6]}"
+            version = "2.0.0" if nodes else "3.0.0"
+            bundle = make_bundle(work / f"fleet-{version}.epk", key, version=version, size=int(size_mb * 1e6))
+            spec = SimSpec(broker=b.url, trust=trust, root=work / f"sim-{prefix}", devices=n, prefix=prefix,
+                           processes=max(2, math.ceil(n / 150)), protocol="3.1.1", stall_s=5.0,
+                           state_interval_s=2.0)  # fmt: skip
+            with Simulator(spec):
+                journal = Journal(work / f"journal-{prefix}.sqlite")
+                plan = RolloutPlan(waves=parse_waves("1,10%,50%,100%"), device_timeout_s=600)
+                rid = create_rollout(journal, bundle, selector="group=sim", plan=plan, prefix=prefix)
+                time.sleep(3.0)  # one heartbeat: the operator learns the devices from live states
+                opts = [MqttOptions(url=u, client_id=f"op-{uuid.uuid4().hex[:6]}", protocol="3.1.1")
+                        for u in (a.url, *nodes)]  # fmt: skip
+                engine = RolloutEngine(journal, rid, options=opts[0], keys=[key], nodes=opts[1:])
+                started = time.monotonic()
+                rollout = engine.run()
+                wall = time.monotonic() - started
+                counts = journal.counts(rid)
+                history = journal.history(rid)
+            size = bundle.stat().st_size
+            upload = size * (1 + len(nodes)) + engine.deployer.republished_bytes
+            rows.append({
+                "variant": variant, "devices": n, "status": rollout.status, "succeeded": counts.get("succeeded", 0),
+                "wall_s": round(wall, 1), "republished_chunks": engine.deployer.republished,
+                "republished_mb": round(engine.deployer.republished_bytes / 1e6, 2),
+                "operator_upload_mb": round(upload / 1e6, 2), "operator_upload_x_bundle": round(upload / size, 2),
+                "needs": engine.deployer.needs_received,
+                "transitions": len(history),
+            })  # fmt: skip
+            print(rows[-1], flush=True)
+            shutil.rmtree(spec.root, ignore_errors=True)
+        notes = [
+            f"bundle {size_mb:g} MB, 256 KiB chunks, waves 1,10%,50%,100%; RabbitMQ 3.10 (rabbitmq_mqtt, MQTT 3.1.1), "
+            "two nodes on this host; every simulated device on node B, the operator on node A",
+            "operator upload: the bundle once per node it writes to, plus what it published again for needs "
+            "(commands, ~1.3 kB per device per node, not counted); needs: the devices' need events it received",
+        ]
+        write_results("fleet_cluster", rows, title="Fleet rollout on a two-node RabbitMQ cluster", notes=notes)
+        print(f"wrote {RESULTS / 'fleet_cluster.md'}")
+    finally:
+        cluster.stop()
+        shutil.rmtree(work, ignore_errors=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--devices", type=int, nargs="+", default=[100, 300, 1000])
     parser.add_argument("--size-mb", type=float, default=5.0)
     parser.add_argument("--workdir", type=Path, default=None)
+    parser.add_argument("--rabbit", type=int, default=None, help="devices on a two-node RabbitMQ cluster instead")
     args = parser.parse_args()
+    if args.rabbit:
+        run_cluster(args.rabbit, args.size_mb)
+        return
     binary = find_mosquitto()
     if binary is None:
         raise SystemExit("mosquitto is not installed (apt-get install mosquitto)")
@@ -172,6 +246,8 @@ def main() -> None:
             "devices: edgepack.fleet.sim workers (real agent + link per device, stand-in runtime), "
             "spread over the 'processes' column; operator: a separate 'edgepack fleet rollout' process",
             "ingress: mosquitto $SYS/broker/bytes/received over the rollout (all clients)",
+            "host_load_1m: the 1-minute load average at the operator's start and exit (2 cores, shared with "
+            "other work; the simulated devices themselves add much of it)",
         ]
         write_results("fleet", rows, title="Fleet rollout: wall time, broker ingress, operator cost", notes=notes)
         plot(rows, args.size_mb, RESULTS / "fleet.png")

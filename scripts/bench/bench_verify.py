@@ -2,7 +2,7 @@
 
 Goals (issue 2): verifying a 200 MB bundle costs at most 1.3x what `sha256sum` takes on the same file;
 peak RSS grows by less than 50 MB while verifying a 500 MB bundle (streaming, constant memory).
-Writes scripts/bench/results/verify.json and verify.md.
+Writes scripts/bench/results/verify.json and verify.md; ``bench(quick)`` gives the runner's section.
 
     .venv/bin/python scripts/bench/bench_verify.py [--sizes-mb 200 500] [--repeats 5]
 """
@@ -10,6 +10,7 @@ Writes scripts/bench/results/verify.json and verify.md.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import statistics
 import subprocess
@@ -17,6 +18,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 from edgepack.bundle import BundleFile, write_bundle
 from edgepack.keys import SigningKey
@@ -24,7 +26,9 @@ from edgepack.manifest import RuntimeRequirement, TensorSpec
 from edgepack.trust import TrustStore
 
 sys.path.insert(0, str(Path(__file__).parent))
-from results import write_results
+from results import RESULTS, write_results
+
+log = logging.getLogger("bench_verify")
 
 CHILD = """
 import resource, sys
@@ -69,23 +73,20 @@ def timed(cmd: list[str]) -> float:
     return time.perf_counter() - start
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sizes-mb", type=int, nargs="+", default=[200, 500])
-    parser.add_argument("--repeats", type=int, default=5)
-    args = parser.parse_args()
+def measure(sizes_mb: list[int], repeats: int) -> list[dict[str, Any]]:
     rows = []
-    with tempfile.TemporaryDirectory(dir=Path(__file__).parent / "results") as tmp:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=RESULTS) as tmp:  # on disk, not a tmpfs: sha256sum reads the same disk
         root = Path(tmp)
         key = SigningKey.generate()
         key.save(root, "k")
         TrustStore.init(root / "trust", [root / "k.pub"])
-        for size in args.sizes_mb:
+        for size in sizes_mb:
             bundle = make_bundle(root, size, key)
             verify_cmd = [sys.executable, "-c", CHILD, str(bundle), str(root / "trust"), "verify"]
             idle_cmd = [sys.executable, "-c", CHILD, str(bundle), str(root / "trust"), "idle"]
             sha, ours, idle = [], [], []
-            for _ in range(args.repeats):  # interleaved, so both see the same machine noise
+            for _ in range(repeats):  # interleaved, so both see the same machine noise
                 sha.append(timed(["sha256sum", str(bundle)]))
                 ours.append(timed(verify_cmd))
                 idle.append(timed(idle_cmd))
@@ -104,16 +105,61 @@ def main() -> None:
                 }
             )
             bundle.unlink()
-            print(rows[-1], flush=True)
-    write_results(
-        "verify",
-        rows,
-        title="Bundle verification vs sha256sum (medians, interleaved runs)",
-        notes=[
-            "verify s (net) subtracts the same child's interpreter start and trust-store load (measured alone).",
-            "Goals: ratio ≤ 1.3 at 200 MB; peak RSS growth < 50 MB at 500 MB.",
+            log.info("%s", rows[-1])
+    return rows
+
+
+TITLE = "Bundle verification vs sha256sum (medians, interleaved runs)"
+NOTES = [
+    "verify s (net) subtracts the same child's interpreter start and trust-store load (measured alone).",
+    "Goals: ratio ≤ 1.3 at 200 MB; peak RSS growth < 50 MB at 500 MB.",
+]
+
+
+def bench(quick: bool) -> dict[str, Any]:
+    sizes, repeats = ([50], 3) if quick else ([200, 500], 5)
+    rows = measure(sizes, repeats)
+    return {
+        "title": "Verify: bundle verification against sha256sum",
+        "method": (
+            f"a signed bundle of {', '.join(map(str, sizes))} MB (random payload) on disk; {repeats} interleaved "
+            "runs each of `sha256sum FILE`, a child process verifying it (`verify_bundle` with the trust "
+            "store), and the same child without verifying (its start cost); medians"
+        ),
+        "ratios": [
+            {
+                "what": f"verify (net) / sha256sum, {r['bundle MB']} MB",
+                "value": r["ratio net/sha256sum"],
+                "goal": "<= 1.3",
+                "met": r["ratio net/sha256sum"] <= 1.3,
+            }
+            for r in rows
         ],
-    )
+        "tables": [{"title": TITLE, "rows": rows}],
+        "plots": [
+            {
+                "kind": "bars",
+                "file": "verify.png",
+                "title": "Verification against sha256sum (median seconds)",
+                "ylabel": "seconds",
+                "groups": [f"{r['bundle MB']} MB" for r in rows],
+                "series": {
+                    "sha256sum": [r["sha256sum s"] for r in rows],
+                    "edgepack verify (net)": [r["verify s (net)"] for r in rows],
+                },
+            }
+        ],
+        "notes": NOTES,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes-mb", type=int, nargs="+", default=[200, 500])
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    write_results("verify", measure(args.sizes_mb, args.repeats), title=TITLE, notes=NOTES)
 
 
 if __name__ == "__main__":

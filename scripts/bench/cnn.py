@@ -14,8 +14,16 @@ from onnx import TensorProto, helper, numpy_helper
 
 
 def resnet_like(
-    path: Path, *, image: int = 64, width: int = 32, blocks: int = 4, classes: int = 10, seed: int = 0
+    path: Path,
+    *,
+    image: int = 64,
+    width: int = 32,
+    blocks: int = 4,
+    classes: int = 10,
+    seed: int = 0,
+    batch: int | str = 1,
 ) -> Path:
+    """``batch``: the first dimension, a size or a name (dynamic: any batch, for dynamic batching)."""
     rng = np.random.default_rng(seed)
     nodes, inits = [], []
 
@@ -52,8 +60,8 @@ def resnet_like(
     graph = helper.make_graph(
         nodes,
         "resnet_like",
-        [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 3, image, image])],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, classes])],
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, [batch, 3, image, image])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [batch, classes])],
         inits,
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import platform
 import sys
 from datetime import datetime, timezone
@@ -12,7 +13,9 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-RESULTS = Path(__file__).parent / "results"
+# EDGEPACK_BENCH_RESULTS redirects every script's results files (scripts/bench/run points it at bench-results/raw,
+# so a quick run never overwrites the committed figures in scripts/bench/results/).
+RESULTS = Path(os.environ.get("EDGEPACK_BENCH_RESULTS") or Path(__file__).parent / "results")
 
 
 def load_script(path: Path, name: str) -> ModuleType:

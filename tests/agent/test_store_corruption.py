@@ -159,3 +159,30 @@ def test_installer_prunes_after_each_install(tmp_path, trust, keyring, monkeypat
     journals = store.journals()
     assert [j.data["version"] for j in journals] == ["1.2.0", "1.3.0"]
     assert journals[-1].data["committed_state"]["highest_version"] == "1.3.0"
+
+
+def test_agent_status_command_prints_the_notice(two_versions, trust):
+    from typer.testing import CliRunner
+
+    from edgepack.cli import app
+
+    store, _v1, _v2 = two_versions
+    (store.root / "state.json").write_bytes(b"\x00 not json")
+    result = CliRunner().invoke(app, ["agent", "status", "--state", str(store.root)])
+    assert result.exit_code == 0, result.output
+    assert "notice:" in result.output and "state.json" in result.output and "corrupt" in result.output
+    assert list(store.root.glob("state.json.corrupt-*"))
+
+
+def test_boot_removes_temporary_files_of_interrupted_writes(two_versions, trust):
+    store, _v1, _v2 = two_versions
+    for name in (".commands.json.abc123.tmp", ".state.json.def456.tmp"):
+        (store.root / name).write_bytes(b"half a write")
+    (store.root / "keep.tmp").write_bytes(b"not ours: no leading dot")
+    agent = DeviceAgent(load_config(None, {"state_dir": str(store.root), "trust_dir": str(trust.directory)}))
+    try:
+        assert agent.boot() == {"linear": "2.0.0 (active)"}
+        assert sorted(p.name for p in store.root.glob("*.tmp")) == ["keep.tmp"]
+        assert not list(store.root.glob(".*.tmp"))
+    finally:
+        agent.close()

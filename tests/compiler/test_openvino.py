@@ -63,6 +63,7 @@ def test_intel_cpu_int8_bundle_verifies_and_selftest_passes(
         "model.xml": "model",
         "model.bin": "weights",
         "selftest.npz": "selftest",
+        "refstats.json": "aux",  # the calibration data's reference statistics, for the device's drift signal
     }
     # the precision it was validated with is pinned: no silent bf16 on the device
     assert manifest.execution == {"precision": "int8", "device": "CPU", "inference_precision": "f32"}

@@ -62,7 +62,7 @@ def test_cli_round_trip(tmp_path):
         "--key",
         str(keys / "ops.pub"),
         "--threshold",
-        "2",
+        "bundle=2",
     )
 
     tiny_onnx(tmp_path / "tiny.onnx")
@@ -88,9 +88,10 @@ def test_cli_round_trip(tmp_path):
     assert len(doc["signatures"]) == 2
     assert "tiny" in edgepack("inspect", str(bundle)).stdout
 
-    ops_id = json.loads((trust / "trust.json").read_text())["keys"]
-    ops_kid = next(k for k, v in ops_id.items() if v["name"] == "ops")
-    edgepack("trust", "revoke", str(trust), ops_kid[:12])
+    ops_id = json.loads((trust / "trust.json").read_text())["signed"]["keys"]
+    ops_kid = next(k for k, v in ops_id.items() if v["x-edgepack-name"] == "ops")
+    edgepack("trust", "revoke", str(trust), ops_kid[:12], "--root-key", str(keys / "release.key"), "--root-key",
+             str(keys / "ops.key"))  # fmt: skip
     revoked = edgepack("verify", str(bundle), "--trust", str(trust), check=False)
     assert revoked.returncode == 1 and "revoked key" in revoked.stderr
 

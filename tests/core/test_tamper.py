@@ -14,6 +14,7 @@ from edgepack import errors
 from edgepack.bundle import verify_bundle
 from edgepack.manifest import utc_now
 from edgepack.trust import TrustStore
+from edgepack.trust_root import rotate
 
 from .archive_tools import data_offset, member, raw_member, read_members, write_members
 
@@ -170,7 +171,7 @@ def test_unknown_key(make_bundle, trust):
 
 def test_revoked_key(make_bundle, trust, keyring):
     path, _ = make_bundle(signers=("release",))
-    trust.revoke(keyring.keys["release"].key_id[:10])
+    rotate(trust, [keyring.keys["release"], keyring.keys["second"]], revoke=[keyring.keys["release"].key_id[:10]])
     with pytest.raises(errors.RevokedKeyError, match="revoked key"):
         verify_bundle(path, TrustStore.load(trust.directory))
 

@@ -1,6 +1,7 @@
 """In-process devices for the fleet tests: a real DeviceAgent (onnxruntime) and AgentLink per device, with
 an optional fault: ``selftest`` makes this device's runtime answer off by one, so the bundle's self-test
-fails on it and nowhere else."""
+fails on it and nowhere else; ``infer`` makes it raise on inputs of 1e6 or more (inference errors that
+pass the self-test)."""
 
 from __future__ import annotations
 
@@ -32,6 +33,21 @@ class _OffByOne(LoadedModel):
         self.inner.close()
 
 
+class _FailsOnLarge(LoadedModel):
+    """Serves normally (self-test passes) but raises on any input value of 1e6 or more: inference errors."""
+
+    def __init__(self, inner: LoadedModel) -> None:
+        self.inner, self.inputs, self.outputs = inner, inner.inputs, inner.outputs
+
+    def infer(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if any(np.abs(v).max() >= 1e6 for v in inputs.values()):
+            raise RuntimeError("injected inference failure")
+        return self.inner.infer(inputs)
+
+    def close(self) -> None:
+        self.inner.close()
+
+
 class _FaultyBackend(RuntimeBackend):
     name, extra, module = "faulty", "", ""
 
@@ -44,8 +60,11 @@ class _FaultyBackend(RuntimeBackend):
     def load(self, model_path: Path, **kwargs: Any) -> LoadedModel:
         model = self.inner.load(model_path, **kwargs)
         options = kwargs.get("options")
-        if options is not None and options.extra.get("fault") == "selftest":
+        fault = options.extra.get("fault") if options is not None else None
+        if fault == "selftest":
             return _OffByOne(model)
+        if fault == "infer":
+            return _FailsOnLarge(model)
         return model
 
 
@@ -70,7 +89,7 @@ class Device:
 
 def start_device(
     root: Path, trust: Path, url: str, *, device: str, prefix: str, labels: dict[str, str] | None = None,
-    fault: str | None = None, preinstall: Path | None = None, protocol: str = "5",
+    fault: str | None = None, preinstall: Path | None = None, protocol: str = "5", link_options: LinkOptions = FAST,
 ) -> Device:  # fmt: skip
     config = agent_config(root / device, trust, url, device=device, prefix=prefix, protocol=protocol,
                           labels=labels or {})  # fmt: skip
@@ -80,6 +99,6 @@ def start_device(
         agent.install(preinstall)
     if fault:
         agent.installer.options = dataclasses.replace(agent.installer.options, extra={"fault": fault})
-    link = AgentLink(agent, FAST)
+    link = AgentLink(agent, link_options)
     link.start()
     return Device(agent, link)

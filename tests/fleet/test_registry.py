@@ -12,6 +12,7 @@ import pytest
 
 from edgepack.errors import ConfigError
 from edgepack.fleet.deploy import deploy
+from edgepack.fleet.journal import Journal
 from edgepack.fleet.plan import AbortRule, parse_duration, parse_rate, parse_waves
 from edgepack.fleet.registry import forget_devices, health_problem, list_devices
 from edgepack.fleet.rollback import rollback
@@ -86,15 +87,40 @@ def test_devices_forget_and_group_wait(tmp_path, broker, topics, events, keyring
         assert forget_devices(["old-1"], options(broker.url, "5"), prefix=topics.prefix) == {"old-1": True}
         assert "old-1" not in {r.device for r in list_devices(options(broker.url, "5"), prefix=topics.prefix)}
 
-        # a manual rollback over MQTT: each device back to the version it keeps
+        # --to a version the devices do not hold: refused, saying what they hold; nothing sent
+        journal = Journal(tmp_path / "fleet.sqlite")
+        refused = rollback(options(broker.url, "5"), selector=Selector.parse("site=lyon"), model="linear",
+                           keys=[key], to_version="0.9.0", prefix=topics.prefix, timeout=10, journal=journal)  # fmt: skip
+        assert [o.outcome for o in refused] == ["refused", "refused"]
+        assert "does not hold linear 0.9.0 (it keeps active 2.0.0, previous 1.0.0)" in (refused[0].reason or "")
+        assert all(d.serving() == "2.0.0" for d in lyon)
+        # a manual rollback over MQTT, journaled: each device back to the version it keeps
         outcomes = rollback(options(broker.url, "5"), selector=Selector.parse("site=lyon"), model="linear",
-                            keys=[key], to_version="1.0.0", prefix=topics.prefix, timeout=60)  # fmt: skip
-        assert [(o.device, o.outcome) for o in outcomes] == [("cam-0", "committed"), ("cam-1", "committed")]
+                            keys=[key], to_version="1.0.0", prefix=topics.prefix, timeout=60, journal=journal,
+                            rollback_id="back-1")  # fmt: skip
+        assert [(o.device, o.outcome, o.from_version, o.to_version) for o in outcomes] == [
+            ("cam-0", "committed", "2.0.0", "1.0.0"), ("cam-1", "committed", "2.0.0", "1.0.0")]  # fmt: skip
         assert all(d.serving() == "1.0.0" for d in lyon)
-        # after a rollback the agent keeps no previous version: nothing more to roll back to, said so
-        skipped = rollback(options(broker.url, "5"), selector=Selector.parse("cam-0"), model="linear", keys=[key],
-                           prefix=topics.prefix, timeout=10)  # fmt: skip
-        assert skipped[0].outcome == "skipped" and "no previous version" in (skipped[0].reason or "")
+        row = journal.rollout("back-1")
+        assert (row.kind, row.status, journal.counts("back-1")) == ("rollback", "completed", {"rolled_back": 2})
+        sent = [h for h in journal.history("back-1") if h["state"] == "rolling_back"]
+        assert len(sent) == 2 and all(h["command_id"] for h in sent)  # the commands were journaled first
+        status = subprocess.run([sys.executable, "-m", "edgepack", "fleet", "status", "back-1", "--journal",
+                                 str(journal.path), "--json"], capture_output=True, text=True, timeout=60,
+                                check=True)  # fmt: skip
+        assert json.loads(status.stdout)["kind"] == "rollback"
+        # after a rollback the agent keeps no previous version: a second one has nothing to go to, said so
+        again = rollback(options(broker.url, "5"), selector=Selector.parse("cam-0"), model="linear", keys=[key],
+                         prefix=topics.prefix, timeout=10, journal=journal)  # fmt: skip
+        assert again[0].outcome == "skipped" and "already rolled back (runs 1.0.0, below its highest 2.0.0)" in (
+            again[0].reason or "")  # fmt: skip
+        cli = subprocess.run([sys.executable, "-m", "edgepack", "fleet", "rollback", "--group", "cam-0", "--model",
+                              "linear", "--to", "2.0.0", "--key", str(keyring.private("release")), "--broker",
+                              broker.url, "--prefix", topics.prefix, "--journal", str(journal.path), "--json"],
+                             capture_output=True, text=True, timeout=60)  # fmt: skip
+        assert cli.returncode == 1, cli.stderr
+        assert [(o["outcome"], "does not hold linear 2.0.0" in o["reason"]) for o in json.loads(cli.stdout)] == [
+            ("refused", True)]  # fmt: skip
     finally:
         for d in lyon:
             d.stop()

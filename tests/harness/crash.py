@@ -718,6 +718,14 @@ class CrashHarness:
         out = answer["outputs"][0]
         return answer.get("model_version"), np.asarray(out["data"], dtype=np.float32).reshape(out["shape"])
 
+    def _tmp_files(self) -> list[str]:
+        return sorted(
+            str(p.relative_to(self.state_dir))
+            for p in _walk(self.state_dir)
+            if p.name.endswith(".tmp")
+            if "cache" not in p.relative_to(self.state_dir).parts
+        )
+
     def check_store(self) -> None:
         """The idle store: referenced bundles exist and verify, nothing else, no leftovers, journals ended."""
         state = self._store_state()
@@ -742,13 +750,11 @@ class CrashHarness:
                 left = self._left_in(sub)
             if left:
                 self._violate(f"{sub}/ is not empty 2 s after the agent went idle: {left}")
-        leftovers = sorted(
-            str(p.relative_to(self.state_dir))
-            for p in _walk(self.state_dir)
-            if p.name.endswith(".tmp")
-            if "cache" not in p.relative_to(self.state_dir).parts
-        )
-        new = [p for p in leftovers if p not in self._leftovers_seen]
+        new = [p for p in self._tmp_files() if p not in self._leftovers_seen]
+        deadline = time.monotonic() + 2.0
+        while new and time.monotonic() < deadline:  # an atomic write in flight (the command book noting an ack)?
+            time.sleep(0.1)
+            new = [p for p in self._tmp_files() if p in new]
         self._leftovers_seen.update(new)
         if new:  # each one once: a leftover stays until something removes it
             self._violate(f"temporary files of atomic writes are left after the restart: {new}")

@@ -50,6 +50,8 @@ class Mosquitto:
     port: int = field(default_factory=free_port)
     extra_config: tuple[str, ...] = ()
     proc: subprocess.Popen[bytes] | None = None
+    # replaces the plain anonymous listener: e.g. the lines of a generated mosquitto.conf (tests/mqtt/test_broker_acl.py)
+    base_config: tuple[str, ...] | None = None
 
     @property
     def url(self) -> str:
@@ -64,8 +66,7 @@ class Mosquitto:
         self.conf.write_text(
             "\n".join(
                 [
-                    f"listener {self.port} 127.0.0.1",
-                    "allow_anonymous true",
+                    *(self.base_config or (f"listener {self.port} 127.0.0.1", "allow_anonymous true")),
                     "persistence false",
                     *(["user root"] if os.geteuid() == 0 else []),  # keep reading files under the test's tmp_path
                     *self.extra_config,
