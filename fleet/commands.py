@@ -7,6 +7,7 @@ operator orders commands (a persisted counter instead of the issue time) is made
 from __future__ import annotations
 
 from datetime import timedelta
+from typing import Any
 
 from edgepack.keys import SigningKey
 from edgepack.protocol import (
@@ -28,22 +29,28 @@ def command_fields(device: str, ttl: timedelta, seq: int | None = None) -> dict[
     return new_command_fields(CommandTarget(device=device), ttl=ttl, seq=seq)
 
 
+def install_command(chunked: ChunkedBundle, fields: dict[str, Any]) -> InstallCommand:
+    """The install command of ``chunked``: what it installs comes from the bundle and its index; ``fields``
+    (id, ``seq``, times and recipient, from :func:`command_fields` or ``new_command_fields``) come on top
+    and may override any of it (tests do)."""
+    manifest = chunked.manifest
+    pinned: dict[str, Any] = {
+        "action": "install",
+        "model": manifest.name,
+        "version": manifest.version,
+        "target": manifest.target,
+        "bundle": chunked.bundle,
+        "size": chunked.index.size,
+        "sha256": chunked.index.sha256,
+        "index_sha256": chunked.index_sha256,
+    }
+    return InstallCommand(**{**pinned, **fields})
+
+
 def install(
     chunked: ChunkedBundle, device: str, keys: list[SigningKey], ttl: timedelta, seq: int | None = None
 ) -> SignedCommand:
-    manifest = chunked.manifest
-    command = InstallCommand(
-        **command_fields(device, ttl, seq),  # type: ignore[arg-type]
-        action="install",
-        model=manifest.name,
-        version=manifest.version,
-        target=manifest.target,
-        bundle=chunked.bundle,
-        size=chunked.index.size,
-        sha256=chunked.index.sha256,
-        index_sha256=chunked.index_sha256,
-    )
-    return sign_command(command, keys)
+    return sign_command(install_command(chunked, command_fields(device, ttl, seq)), keys)
 
 
 def rollback(model: str, device: str, keys: list[SigningKey], ttl: timedelta, seq: int | None = None) -> SignedCommand:

@@ -47,6 +47,7 @@ from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TaskID, TextColumn
 
 from edgepack.errors import ConfigError, EdgepackError
+from edgepack.fleet.commands import install_command
 from edgepack.keys import SigningKey
 from edgepack.mqtt import MqttClient, MqttOptions, Received
 from edgepack.protocol import (
@@ -54,7 +55,6 @@ from edgepack.protocol import (
     DEFAULT_COMMAND_TTL,
     CommandTarget,
     DeviceState,
-    InstallCommand,
     NeedEvent,
     ProgressEvent,
     RejectedEvent,
@@ -625,18 +625,7 @@ def deploy(
     to = CommandTarget(device=device, group=group)
     topics = Topics(prefix)
     chunked = chunk_bundle(bundle, chunk_size)
-    manifest = chunked.manifest
-    command = InstallCommand(
-        **new_command_fields(to, ttl=ttl, seq=seq),
-        action="install",
-        model=manifest.name,
-        version=manifest.version,
-        target=manifest.target,
-        bundle=chunked.bundle,
-        size=chunked.index.size,
-        sha256=chunked.index.sha256,
-        index_sha256=chunked.index_sha256,
-    )
+    command = install_command(chunked, new_command_fields(to, ttl=ttl, seq=seq))
     signed = sign_command(command, keys)
     bundle_expiry = int(ttl.total_seconds()) if ttl else None
     try:

@@ -1,4 +1,5 @@
-"""Benchmark: delivering a 50 MB bundle over MQTT to 1 and to 20 devices, against mosquitto_pub, in one run.
+"""Benchmark: delivering a 50 MB bundle over MQTT to 1 and to 20 devices, against mosquitto_pub, in one run;
+and the cost of resuming a transfer cut by killing the agent.
 
 Goals (issue 5): for one device, at least 50% of the throughput of ``mosquitto_pub -f FILE`` sending the
 same bytes as one message to a ``mosquitto_sub`` that counts receipt; the operator's upload time
@@ -16,9 +17,13 @@ clock from the devices' events:
 
 Raw: ``mosquitto_sub -C 1`` subscribers (1, then 20) are started and given time to subscribe; the clock runs
 from starting ``mosquitto_pub -q 1 -f FILE`` until every subscriber exited having received the message.
-Writes scripts/bench/results/delivery.json and delivery.md.
+Resume cost (``resume_cost``, in the runner's section): one agent process under ``--max-rate`` is killed
+(SIGKILL) once the operator sees half the bundle held, then started again on the same state directory; the
+bytes it fetches after the restart are set against the bytes missing on disk, and its time from spawn to
+``downloaded`` against a fresh agent fetching a bundle the size of the missing part, in the same run.
+Writes scripts/bench/results/delivery.json and delivery.md, and delivery_resume.json/.md.
 
-    .venv/bin/python scripts/bench/bench_delivery.py [--size-mb 50] [--devices 1 20] [--repeats 5]
+    .venv/bin/python scripts/bench/bench_delivery.py [--size-mb 50] [--devices 1 20] [--repeats 5] [--resume-rate 10M]
 """
 
 from __future__ import annotations
@@ -44,6 +49,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 import numpy as np  # noqa: E402
 from results import write_results  # noqa: E402
 
+from edgepack.agent.receiver import ChunkReceiver  # noqa: E402
 from edgepack.bundle import BundleFile, write_bundle  # noqa: E402
 from edgepack.fleet.deploy import Deployer, DeployObserver, DeviceProgress  # noqa: E402
 from edgepack.keys import SigningKey  # noqa: E402
@@ -59,14 +65,14 @@ from tests.mqtt.broker import Mosquitto, find_mosquitto, free_port  # noqa: E402
 MB = 1_000_000
 
 
-def make_bundle(root: Path, key: SigningKey, size_mb: int, version: str) -> Path:
+def make_bundle(root: Path, key: SigningKey, size_mb: float, version: str) -> Path:
     """A real, signed linear-model bundle padded with incompressible bytes to about ``size_mb``."""
     src = root / f"src-{version}"
     src.mkdir(parents=True)
     linear_model(src / "model.onnx", 1.0)
     x = np.ones((1, 4), dtype=np.float32)
     write_vectors(src / "selftest.npz", [{"x": x}], [{"y": linear_reference(x, 1.0)}])
-    (src / "weights.bin").write_bytes(os.urandom(size_mb * MB))
+    (src / "weights.bin").write_bytes(os.urandom(int(size_mb * MB)))
     out = root / f"bench-{version}.epk"
     write_bundle(
         out,
@@ -118,11 +124,13 @@ class Clock(DeployObserver):
         self.delivered: dict[str, float] = {}
         self.committed: dict[str, float] = {}
         self.outcomes: dict[str, str] = {}
+        self.held: dict[str, int] = {}  # bytes each device reported holding, last seen
         self._lock = threading.Lock()
 
     def device(self, progress: DeviceProgress) -> None:
         now = time.perf_counter() - self.started
         with self._lock:
+            self.held[progress.device] = progress.held_bytes
             if progress.phase in ("downloaded", "verify", "stage", "switch", "commit", "done"):
                 self.delivered.setdefault(progress.device, now)
             if progress.outcome:
@@ -130,15 +138,16 @@ class Clock(DeployObserver):
                 self.outcomes[progress.device] = progress.outcome
 
 
-def start_devices(broker: Mosquitto, root: Path, trust: Path, prefix: str, count: int) -> list[subprocess.Popen]:
+def start_devices(broker: Mosquitto, root: Path, trust: Path, prefix: str, count: int,
+                  extra: tuple[str, ...] = (), first: int = 0) -> list[subprocess.Popen]:  # fmt: skip
     root.mkdir(parents=True, exist_ok=True)
     procs = []
-    for i in range(count):
+    for i in range(first, first + count):
         device = f"dev-{i:02d}"
-        log = open(root / f"{device}.log", "wb")  # noqa: SIM115 - the child owns it
+        log = open(root / f"{device}.log", "ab")  # noqa: SIM115 - the child owns it
         args = ["--device-id", device, "--broker", broker.url, "--prefix", prefix, "--state", str(root / device),
                 "--trust", str(trust), "--target", "x86", "--listen", f"127.0.0.1:{free_port()}",
-                "--label", "group=bench", "--threads", "1"]  # fmt: skip
+                "--label", "group=bench", "--threads", "1", *extra]  # fmt: skip
         procs.append(
             subprocess.Popen([sys.executable, "-m", "edgepack", "agent", "run", *args], stdout=log, stderr=log)
         )
@@ -272,6 +281,110 @@ def measure(args: Settings) -> tuple[list[dict[str, Any]], list[str]]:
 
 
 TITLE = "Bundle delivery over MQTT vs mosquitto_pub (one message)"
+RESUME_TITLE = "Resume cost: a transfer cut at ~50 % (agent killed) and resumed, against a clean transfer"
+
+
+def _install(chunked: Any, device: str) -> InstallCommand:
+    return InstallCommand(
+        **new_command_fields(CommandTarget(device=device)), action="install", model="bench",
+        version=chunked.manifest.version, target="x86", bundle=chunked.bundle, size=chunked.index.size,
+        sha256=chunked.index.sha256, index_sha256=chunked.index_sha256,
+    )  # fmt: skip
+
+
+def _downloaded_after(clock: Clock, deployer: Deployer, command_id: str, device: str, started: float) -> tuple:
+    """Seconds from ``started`` (an agent process spawned) to the device's downloaded event, and its result."""
+    result = deployer.wait(command_id, [device], 300)[device]
+    if result.outcome != "committed":
+        raise RuntimeError(f"deploy failed on {device}: {result.outcome} {result.reason}")
+    return clock.delivered[device] + clock.started - started, result
+
+
+def resume_cost(size_mb: float, rate: str, chunk_kib: int, repeats: int) -> tuple[list[dict[str, Any]], list[str]]:
+    """Kill the agent at ~50 % of a transfer (SIGKILL), restart it, and set beside it a clean transfer of the
+    remaining bytes; each side from spawning the agent process to its ``downloaded`` event."""
+    binary = find_mosquitto()
+    if binary is None:
+        raise RuntimeError(MISSING)
+    rows: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory(prefix="edgepack-bench-resume-") as tmp:
+        root = Path(tmp)
+        key = SigningKey.generate()
+        key.save(root / "keys", "release")
+        trust = TrustStore.init(root / "trust", [root / "keys" / "release.pub"]).directory
+        broker = Mosquitto(binary, root / "mosquitto")
+        broker.start()
+        clock = Clock()
+        deployer = Deployer(MqttOptions(url=broker.url, client_id="bench-resume-op", protocol="auto"),
+                            Topics("resume"), clock)  # fmt: skip
+        deployer.connect()
+        extra = ("--max-rate", rate)
+        procs: list[subprocess.Popen] = []
+        try:
+            for run in range(repeats):
+                cut, fresh = 2 * run, 2 * run + 1  # device numbers: the interrupted one, the clean one
+                cut_id = f"dev-{cut:02d}"
+                procs += start_devices(broker, root, trust, "resume", 1, extra, first=cut)
+                wait_online(deployer, len([p for p in procs if p.poll() is None]))
+                chunked = chunk_bundle(make_bundle(root, key, size_mb, f"2.0.{run}"), chunk_kib * 1024)
+                size = chunked.index.size
+                deployer.publish_bundle(chunked)
+                command = _install(chunked, cut_id)
+                clock.started = time.perf_counter()
+                deployer.send(sign_command(command, [key]))
+                deadline = time.monotonic() + 300
+                while clock.held.get(cut_id, 0) < 0.5 * size:
+                    if time.monotonic() > deadline:
+                        raise RuntimeError("the transfer never reached 50 %")
+                    time.sleep(0.02)
+                procs[-1].kill()
+                procs[-1].wait(10)
+                held = ChunkReceiver(root / cut_id / "incoming").open(chunked.index)
+                on_disk = held.held_bytes
+                held.close()
+                missing = size - on_disk
+
+                # the clean transfer of the remaining bytes: a fresh device, a bundle of that size
+                clean = chunk_bundle(make_bundle(root, key, missing / MB, f"3.0.{run}"), chunk_kib * 1024)
+                deployer.publish_bundle(clean)
+                clean_cmd = _install(clean, f"dev-{fresh:02d}")
+                deployer.send(sign_command(clean_cmd, [key]))
+                clock.started = spawned = time.perf_counter()
+                procs += start_devices(broker, root, trust, "resume", 1, extra, first=fresh)
+                clean_s, _ = _downloaded_after(clock, deployer, clean_cmd.id, f"dev-{fresh:02d}", spawned)
+
+                clock.started = spawned = time.perf_counter()
+                procs += start_devices(broker, root, trust, "resume", 1, extra, first=cut)
+                resumed_s, result = _downloaded_after(clock, deployer, command.id, cut_id, spawned)
+                counters = result.transfer or {}
+                fetched = counters.get("received_bytes", 0) + counters.get("duplicate_bytes", 0)
+                rows.append({
+                    "bundle MB": round(size / MB, 2), "cut at %": round(100 * on_disk / size, 1),
+                    "missing MB": round(missing / MB, 3), "fetched after restart MB": round(fetched / MB, 3),
+                    "re-fetched beyond missing KB": round((fetched - missing) / 1e3, 1),
+                    "fetched / missing": round(fetched / missing, 3),
+                    "resume s (spawn → downloaded)": round(resumed_s, 3),
+                    "clean s, remaining bytes (spawn → downloaded)": round(clean_s, 3),
+                    "resume / clean time": round(resumed_s / clean_s, 2),
+                })  # fmt: skip
+                print(rows[-1], flush=True)
+        finally:
+            deployer.close()
+            for proc in procs:
+                if proc.poll() is None:
+                    proc.terminate()
+                    proc.wait(30)
+            broker.stop()
+    notes = [
+        f"One `edgepack agent run` process at --max-rate {rate} (so the cut lands near 50 %), {chunk_kib} KiB "
+        "chunks; killed with SIGKILL once the operator saw half the bytes held, then started again on the same "
+        "state directory: it resumes the pending command by itself. Beside it, in the same run, a fresh agent "
+        "fetches a bundle the size of the missing part at the same rate. Both times run from spawning the agent "
+        "process to its `downloaded` event (boot, connect, fetch, whole-file check); the resumed side also "
+        "re-checks the chunks it holds. Bytes from the agent's own transfer counters (received + duplicate "
+        "after the restart) against what was missing on disk.",
+    ]
+    return rows, notes
 
 
 def bench(quick: bool) -> dict[str, Any]:
@@ -282,12 +395,18 @@ def bench(quick: bool) -> dict[str, Any]:
         if str(exc) != MISSING:
             raise
         return {"title": "Delivery: bundle transfer against mosquitto_pub", "error": MISSING}
+    size_mb, rate, resume_repeats = (8, "2M", 1) if quick else (50, "10M", 3)
+    resume_rows, resume_notes = resume_cost(size_mb, rate, settings.chunk_kib, resume_repeats)
+    fetched = statistics.median(r["fetched / missing"] for r in resume_rows)
+    slower = statistics.median(r["resume / clean time"] for r in resume_rows)
     return {
         "title": "Delivery: bundle transfer against mosquitto_pub",
         "method": (
             f"a {settings.size_mb} MB signed bundle to {', '.join(map(str, settings.devices))} device(s) over one "
             f"local mosquitto, {settings.repeats} interleaved runs (median) of raw `mosquitto_pub` (one message) "
-            f"and edgepack's chunked delivery ({settings.chunk_kib} KiB chunks)"
+            f"and edgepack's chunked delivery ({settings.chunk_kib} KiB chunks); resume cost: a {size_mb} MB transfer "
+            f"at {rate}B/s cut at ~50 % by killing the agent, {resume_repeats} run(s), against a clean transfer of "
+            "the remaining bytes in the same run"
         ),
         "ratios": [
             {
@@ -297,8 +416,22 @@ def bench(quick: bool) -> dict[str, Any]:
                 "met": r["ratio edgepack/raw"] >= 0.5 if r["devices"] == 1 else None,
             }
             for r in rows
+        ]
+        + [
+            {
+                "what": "bytes fetched after the restart / bytes missing on disk (resume)",
+                "value": fetched,
+                "goal": "≈ 1 (at most one chunk more)",
+                "met": fetched - 1 <= settings.chunk_kib * 1024 / (size_mb * MB),
+            },
+            {
+                "what": "resume time after restart / clean transfer of the remaining bytes",
+                "value": slower,
+                "goal": "(context)",
+                "met": None,
+            },
         ],
-        "tables": [{"title": TITLE, "rows": rows}],
+        "tables": [{"title": TITLE, "rows": rows}, {"title": RESUME_TITLE, "rows": resume_rows}],
         "plots": [
             {
                 "kind": "bars",
@@ -313,7 +446,7 @@ def bench(quick: bool) -> dict[str, Any]:
                 },
             }
         ],
-        "notes": [*notes, "Resume cost (a transfer cut and resumed) is not measured yet."],
+        "notes": [*notes, *resume_notes],
     }
 
 
@@ -323,12 +456,16 @@ def main() -> None:
     parser.add_argument("--devices", type=int, nargs="+", default=[1, 20])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--chunk-kib", type=int, default=256)
+    parser.add_argument("--resume-rate", default="10M", help="--max-rate of the resume runs; '' skips them")
     args = parser.parse_args()
     try:
         rows, notes = measure(Settings(args.size_mb, args.devices, args.repeats, args.chunk_kib))
     except RuntimeError as exc:
         sys.exit(str(exc))
     print(write_results("delivery", rows, title=TITLE, notes=notes))
+    if args.resume_rate:
+        rows, notes = resume_cost(args.size_mb, args.resume_rate, args.chunk_kib, args.repeats)
+        print(write_results("delivery_resume", rows, title=RESUME_TITLE, notes=notes))
 
 
 if __name__ == "__main__":

@@ -12,6 +12,9 @@ that the benchmarks put in their sections:
     {"kind": "timeline", "file": "x.png", "title": str, "t": [s], "ms": [float], "spans": [[s, s]],
      "failed_t": [s]}
 
+A section with ``"int8_figures": true`` gets this CPU's int8 instructions (or "none ...") written right above
+its plot, not only in the page header.
+
     .venv/bin/python scripts/bench/report.py [bench-results/results.json] [--docs docs]   # re-render only
 """
 
@@ -187,6 +190,8 @@ def render(doc: dict[str, Any], figures: Path, docs: Path) -> str:
             lines += [f"**{t['title']}**", "", *table(t["rows"], t.get("columns")), ""]
         extra_versions = section.get("versions") or {}
         caption = caption_base + (" · " + versions_line(extra_versions) if extra_versions else "")
+        if section.get("int8_figures"):  # int8 speed depends on these instructions: said next to the figure
+            lines += [f"**This CPU's {int8_line(mach)}.**", ""]
         for spec in section.get("plots", []):
             png = plot(spec, figures / spec["file"], f"{caption} · {section.get('method', '')}")
             lines += [f"![{spec['title']}]({png.relative_to(docs).as_posix()})", ""]

@@ -17,6 +17,7 @@ import numpy as np
 from edgepack.agent.config import load_config
 from edgepack.agent.link import AgentLink, LinkOptions
 from edgepack.agent.service import DeviceAgent
+from edgepack.fleet.commands import install_command as fleet_install_command
 from edgepack.keys import SigningKey
 from edgepack.mqtt import MqttClient, MqttOptions, Received
 from edgepack.protocol import (
@@ -179,20 +180,7 @@ class EventLog:
 
 
 def install_command(chunked: ChunkedBundle, to: CommandTarget, **fields: Any) -> InstallCommand:
-    manifest = chunked.manifest
-    base = {
-        **new_command_fields(to),
-        "action": "install",
-        "model": manifest.name,
-        "version": manifest.version,
-        "target": manifest.target,
-        "bundle": chunked.bundle,
-        "size": chunked.index.size,
-        "sha256": chunked.index.sha256,
-        "index_sha256": chunked.index_sha256,
-    }
-    base.update(fields)
-    return InstallCommand(**base)
+    return fleet_install_command(chunked, {**new_command_fields(to), **fields})
 
 
 def rollback_command(model: str, to: CommandTarget) -> RollbackCommand:
