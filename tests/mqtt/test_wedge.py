@@ -213,6 +213,8 @@ def test_the_broker_drops_oversized_messages_before_the_agent(tmp_path, broker, 
                          protocol=protocol, link_options=small)  # fmt: skip
     try:
         assert device.link.client.wait_connected(10)
+        # the device subscribes before it publishes its state, so once its state is out it hears live commands
+        events.wait_for_state("cam-1", lambda s: s.online)
         topic = topics.device_command("cam-1")
         operator.client.wait_published([operator.client.publish(topic, b"{" + b" " * (1 << 20))], 10)
         operator.client.wait_published([operator.client.publish(topic, b"{not json")], 10)
