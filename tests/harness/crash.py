@@ -32,6 +32,7 @@ Every choice comes from ``random.Random(f"{seed}:{cycle}")``: a violation names 
 from __future__ import annotations
 
 import contextlib
+import http.client
 import json
 import os
 import random
@@ -503,7 +504,7 @@ class CrashHarness:
                 with urllib.request.urlopen(f"http://{self.api}/v2/health/live", timeout=2) as response:
                     if response.status == 200:
                         return True
-            except (OSError, urllib.error.URLError):
+            except (OSError, urllib.error.URLError, http.client.HTTPException):
                 pass
             time.sleep(0.02)
         return False
@@ -703,8 +704,8 @@ class CrashHarness:
                 answer = json.loads(response.read())
         except urllib.error.HTTPError as exc:
             return None, f"HTTP {exc.code}: {exc.read()[:300]!r}"
-        except (OSError, urllib.error.URLError, ValueError) as exc:
-            return None, repr(exc)
+        except (OSError, urllib.error.URLError, ValueError, http.client.HTTPException) as exc:
+            return None, repr(exc)  # IncompleteRead: the agent reached its armed point while answering
         out = answer["outputs"][0]
         return answer.get("model_version"), np.asarray(out["data"], dtype=np.float32).reshape(out["shape"])
 
