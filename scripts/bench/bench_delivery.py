@@ -29,6 +29,7 @@ Writes scripts/bench/results/delivery.json and delivery.md, and delivery_resume.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shutil
 import statistics
@@ -38,6 +39,7 @@ import tempfile
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -51,6 +53,7 @@ from results import write_results  # noqa: E402
 
 from edgepack.agent.receiver import ChunkReceiver  # noqa: E402
 from edgepack.bundle import BundleFile, write_bundle  # noqa: E402
+from edgepack.fleet.commands import install_command  # noqa: E402
 from edgepack.fleet.deploy import Deployer, DeployObserver, DeviceProgress  # noqa: E402
 from edgepack.keys import SigningKey  # noqa: E402
 from edgepack.manifest import RuntimeRequirement, SelfTest, TensorSpec  # noqa: E402
@@ -169,11 +172,7 @@ def ours(broker: Mosquitto, root: Path, key: SigningKey, bundle: Path, count: in
          deployer: Deployer, clock: Clock) -> dict:  # fmt: skip
     chunked = chunk_bundle(bundle, chunk)
     to = CommandTarget(group="bench") if count > 1 else CommandTarget(device="dev-00")
-    command = InstallCommand(
-        **new_command_fields(to), action="install", model="bench", version=chunked.manifest.version,
-        target="x86", bundle=chunked.bundle, size=chunked.index.size, sha256=chunked.index.sha256,
-        index_sha256=chunked.index_sha256,
-    )  # fmt: skip
+    command = install_command(chunked, new_command_fields(to))
     clock.started = time.perf_counter()
     clock.delivered.clear(), clock.committed.clear(), clock.outcomes.clear()
     upload = deployer.publish_bundle(chunked)
@@ -199,6 +198,23 @@ class Settings:
     chunk_kib: int = 256
 
 
+@contextlib.contextmanager
+def _signed_broker(binary: str, prefix: str) -> Iterator[tuple[Path, SigningKey, Path, Mosquitto]]:
+    """A scratch folder with a release key, a trust store that trusts it and a running mosquitto (stopped
+    and removed on the way out): what both delivery measurements stand on."""
+    with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
+        root = Path(tmp)
+        key = SigningKey.generate()
+        key.save(root / "keys", "release")
+        trust = TrustStore.init(root / "trust", [root / "keys" / "release.pub"]).directory
+        broker = Mosquitto(binary, root / "mosquitto")
+        broker.start()
+        try:
+            yield root, key, trust, broker
+        finally:
+            broker.stop()
+
+
 MISSING = "needs mosquitto and mosquitto-clients (apt-get install mosquitto mosquitto-clients)"
 
 
@@ -208,63 +224,52 @@ def measure(args: Settings) -> tuple[list[dict[str, Any]], list[str]]:
     if binary is None or shutil.which("mosquitto_pub") is None:
         raise RuntimeError(MISSING)
 
-    with tempfile.TemporaryDirectory(prefix="edgepack-bench-delivery-") as tmp:
-        root = Path(tmp)
-        key = SigningKey.generate()
-        key.save(root / "keys", "release")
-        trust = TrustStore.init(root / "trust", [root / "keys" / "release.pub"]).directory
-        broker = Mosquitto(binary, root / "mosquitto")
-        broker.start()
+    with _signed_broker(binary, "edgepack-bench-delivery-") as (root, key, trust, broker):
         rows = []
-        try:
-            versions = iter(f"1.0.{i}" for i in range(1000))
-            for count in args.devices:
-                prefix = f"bench{count}"
-                procs = start_devices(broker, root / f"devices-{count}", trust, prefix, count)
-                clock = Clock()
-                options = MqttOptions(url=broker.url, client_id=f"bench-op-{count}", protocol="auto")
-                deployer = Deployer(options, Topics(prefix), clock)
-                deployer.connect()
-                try:
-                    wait_online(deployer, count)
-                    raw_times, runs = [], []
-                    for _ in range(args.repeats):  # interleaved: raw, then ours, with a fresh bundle each time
-                        bundle = make_bundle(root, key, args.size_mb, next(versions))
-                        raw_times.append(raw_delivery(broker, bundle, count))
-                        runs.append(
-                            ours(broker, root, key, bundle, count, args.chunk_kib * 1024, prefix, deployer, clock)
-                        )
-                        bundle.unlink()
-                    size = args.size_mb
-                    raw_s = statistics.median(raw_times)
-                    delivered = statistics.median(r["delivered_last"] for r in runs)
-                    rows.append(
-                        {
-                            "devices": count,
-                            "bundle MB": size,
-                            "raw mosquitto_pub s": round(raw_s, 3),
-                            "raw s (min–max)": f"{min(raw_times):.2f}–{max(raw_times):.2f}",
-                            "raw MB/s (per device)": round(size / raw_s, 1),
-                            "edgepack delivered s (last device)": round(delivered, 3),
-                            "delivered s (min–max)": f"{min(r['delivered_last'] for r in runs):.2f}–"
-                            f"{max(r['delivered_last'] for r in runs):.2f}",
-                            "edgepack MB/s (per device)": round(size / delivered, 1),
-                            "ratio edgepack/raw": round(raw_s / delivered, 2),
-                            "aggregate MB/s": round(size * count / delivered, 1),
-                            "operator upload s": round(statistics.median(r["upload"] for r in runs), 3),
-                            "committed s (last device)": round(statistics.median(r["committed_last"] for r in runs), 3),
-                        }
-                    )
-                    print(rows[-1], flush=True)
-                finally:
-                    deployer.close()
-                    for proc in procs:
-                        proc.terminate()
-                    for proc in procs:
-                        proc.wait(30)
-                    shutil.rmtree(root / f"devices-{count}", ignore_errors=True)
-        finally:
-            broker.stop()
+        versions = iter(f"1.0.{i}" for i in range(1000))
+        for count in args.devices:
+            prefix = f"bench{count}"
+            procs = start_devices(broker, root / f"devices-{count}", trust, prefix, count)
+            clock = Clock()
+            options = MqttOptions(url=broker.url, client_id=f"bench-op-{count}", protocol="auto")
+            deployer = Deployer(options, Topics(prefix), clock)
+            deployer.connect()
+            try:
+                wait_online(deployer, count)
+                raw_times, runs = [], []
+                for _ in range(args.repeats):  # interleaved: raw, then ours, with a fresh bundle each time
+                    bundle = make_bundle(root, key, args.size_mb, next(versions))
+                    raw_times.append(raw_delivery(broker, bundle, count))
+                    runs.append(ours(broker, root, key, bundle, count, args.chunk_kib * 1024, prefix, deployer, clock))
+                    bundle.unlink()
+                size = args.size_mb
+                raw_s = statistics.median(raw_times)
+                delivered = statistics.median(r["delivered_last"] for r in runs)
+                rows.append(
+                    {
+                        "devices": count,
+                        "bundle MB": size,
+                        "raw mosquitto_pub s": round(raw_s, 3),
+                        "raw s (min–max)": f"{min(raw_times):.2f}–{max(raw_times):.2f}",
+                        "raw MB/s (per device)": round(size / raw_s, 1),
+                        "edgepack delivered s (last device)": round(delivered, 3),
+                        "delivered s (min–max)": f"{min(r['delivered_last'] for r in runs):.2f}–"
+                        f"{max(r['delivered_last'] for r in runs):.2f}",
+                        "edgepack MB/s (per device)": round(size / delivered, 1),
+                        "ratio edgepack/raw": round(raw_s / delivered, 2),
+                        "aggregate MB/s": round(size * count / delivered, 1),
+                        "operator upload s": round(statistics.median(r["upload"] for r in runs), 3),
+                        "committed s (last device)": round(statistics.median(r["committed_last"] for r in runs), 3),
+                    }
+                )
+                print(rows[-1], flush=True)
+            finally:
+                deployer.close()
+                for proc in procs:
+                    proc.terminate()
+                for proc in procs:
+                    proc.wait(30)
+                shutil.rmtree(root / f"devices-{count}", ignore_errors=True)
 
     uploads = {r["devices"]: r["operator upload s"] for r in rows}
     notes = [
@@ -285,11 +290,7 @@ RESUME_TITLE = "Resume cost: a transfer cut at ~50 % (agent killed) and resumed,
 
 
 def _install(chunked: Any, device: str) -> InstallCommand:
-    return InstallCommand(
-        **new_command_fields(CommandTarget(device=device)), action="install", model="bench",
-        version=chunked.manifest.version, target="x86", bundle=chunked.bundle, size=chunked.index.size,
-        sha256=chunked.index.sha256, index_sha256=chunked.index_sha256,
-    )  # fmt: skip
+    return install_command(chunked, new_command_fields(CommandTarget(device=device)))
 
 
 def _downloaded_after(clock: Clock, deployer: Deployer, command_id: str, device: str, started: float) -> tuple:
@@ -307,13 +308,7 @@ def resume_cost(size_mb: float, rate: str, chunk_kib: int, repeats: int) -> tupl
     if binary is None:
         raise RuntimeError(MISSING)
     rows: list[dict[str, Any]] = []
-    with tempfile.TemporaryDirectory(prefix="edgepack-bench-resume-") as tmp:
-        root = Path(tmp)
-        key = SigningKey.generate()
-        key.save(root / "keys", "release")
-        trust = TrustStore.init(root / "trust", [root / "keys" / "release.pub"]).directory
-        broker = Mosquitto(binary, root / "mosquitto")
-        broker.start()
+    with _signed_broker(binary, "edgepack-bench-resume-") as (root, key, trust, broker):
         clock = Clock()
         deployer = Deployer(MqttOptions(url=broker.url, client_id="bench-resume-op", protocol="auto"),
                             Topics("resume"), clock)  # fmt: skip
@@ -374,7 +369,6 @@ def resume_cost(size_mb: float, rate: str, chunk_kib: int, repeats: int) -> tupl
                 if proc.poll() is None:
                     proc.terminate()
                     proc.wait(30)
-            broker.stop()
     notes = [
         f"One `edgepack agent run` process at --max-rate {rate} (so the cut lands near 50 %), {chunk_kib} KiB "
         "chunks; killed with SIGKILL once the operator saw half the bytes held, then started again on the same "
