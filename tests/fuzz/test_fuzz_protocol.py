@@ -14,12 +14,12 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from edgepack.errors import EdgepackError
+from edgepack.fleet.commands import install_command
 from edgepack.protocol import (
     MAX_COMMAND_BYTES,
     AcceptedEvent,
     CommandTarget,
     DeviceState,
-    InstallCommand,
     ModelStatus,
     NeedEvent,
     ProgressEvent,
@@ -77,17 +77,7 @@ def messages(world):
     """One valid message of every kind, as JSON documents."""
     chunked = chunk_bundle(world.bundle_path, 256)
     to = CommandTarget(device="cam-1")
-    install = InstallCommand(
-        **new_command_fields(to),
-        action="install",
-        model=world.manifest.name,
-        version=world.manifest.version,
-        target=world.manifest.target,
-        bundle=chunked.bundle,
-        size=chunked.index.size,
-        sha256=chunked.index.sha256,
-        index_sha256=chunked.index_sha256,
-    )
+    install = install_command(chunked, new_command_fields(to))
     rollback = RollbackCommand(**new_command_fields(CommandTarget(group="cams")), action="rollback", model="digits")
     base = {"device": "cam-1", "at": AT, "command_id": install.id}
     events = [
