@@ -150,6 +150,8 @@ class CommandBook:
     def reported(self, command_ids: Iterable[str]) -> None:
         """The broker acknowledged the result events of ``command_ids``: they need not be sent again."""
         ids = set(command_ids)
+        if not ids:
+            return
         with self._lock:
             changed = False
             for done in self._done:

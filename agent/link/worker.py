@@ -223,8 +223,7 @@ class Worker:
             self.receiver.discard(job.command.bundle)
         self.jobs.done(job)
         self.publish_state()  # before the result, so whoever reads the result finds the new state
-        self.events.emit(event)
-        self.book.reported(self.events.acknowledged())
+        self.events.emit(event)  # the loop records the broker's ack of it (book.reported) within a second
 
     def on_install_state(self, state: str) -> None:
         """The installer's state hook: progress events for verify/stage/switch/commit."""
