@@ -48,6 +48,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from edgepack.certs import common_name
 from edgepack.errors import FleetIdentityError
 from edgepack.fsutil import atomic_write_bytes, ensure_dir
 
@@ -101,11 +102,6 @@ def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
 
 def _now() -> datetime.datetime:
     return datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0)
-
-
-def _common_name(cert: x509.Certificate) -> str:
-    names = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
-    return str(names[0].value) if names else ""
 
 
 def _key_usage(*, authority: bool) -> x509.KeyUsage:
@@ -370,12 +366,12 @@ class FleetCA:
             cert.verify_directly_issued_by((self._operators if operator else self._fleet).cert)
         except (ValueError, TypeError, InvalidSignature) as exc:
             raise FleetIdentityError(
-                f"certificate of {_common_name(cert)!r} was not issued by this CA ({exc!r})"
+                f"certificate of {common_name(cert)!r} was not issued by this CA ({exc!r})"
             ) from exc
         now = _now()
         if not cert.not_valid_before_utc <= now <= cert.not_valid_after_utc:
             raise FleetIdentityError(
-                f"certificate of {_common_name(cert)!r} is valid {cert.not_valid_before_utc:%Y-%m-%d} to "
+                f"certificate of {common_name(cert)!r} is valid {cert.not_valid_before_utc:%Y-%m-%d} to "
                 f"{cert.not_valid_after_utc:%Y-%m-%d}, not now"
             )
 

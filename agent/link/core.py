@@ -12,6 +12,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from cryptography import x509
+
 from edgepack.agent.config import LinkSettings
 from edgepack.agent.link.book import COMMANDS_FILE, CommandBook, expired, journal_times
 from edgepack.agent.link.capture_upload import CaptureUploader
@@ -23,6 +25,7 @@ from edgepack.agent.link.state import StatePublisher
 from edgepack.agent.link.worker import Worker
 from edgepack.agent.receiver import ChunkReceiver, directory_size
 from edgepack.agent.service import DeviceAgent
+from edgepack.certs import common_name
 from edgepack.errors import CommandExpiredError, ConfigError
 from edgepack.mqtt import MqttClient, MqttOptions, Received
 from edgepack.protocol import InstallCommand, ResultEvent, SignedCommand, Topics, groups_from_labels
@@ -236,17 +239,11 @@ def _warn_if_certificate_names_another_device(cert: Any, device_id: str) -> None
     if not cert:
         return
     try:
-        from cryptography import x509
-        from cryptography.x509.oid import NameOID
-
-        names = x509.load_pem_x509_certificate(Path(cert).read_bytes()).subject.get_attributes_for_oid(
-            NameOID.COMMON_NAME
-        )
+        cn = common_name(x509.load_pem_x509_certificate(Path(cert).read_bytes()))
     except (OSError, ValueError) as exc:
         log.warning("cannot read the client certificate %s: %s", cert, exc)
         return
-    cn = str(names[0].value) if names else None
-    if cn is not None and cn != device_id:
+    if cn and cn != device_id:
         log.warning(
             "device id %r differs from its certificate's CN %r: a broker that names clients by certificate "
             "(use_identity_as_username) refuses this device's state and events; set device_id = %r",
